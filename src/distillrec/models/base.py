@@ -43,6 +43,10 @@ class Recommender(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no trainable loss")
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # forward() is the training loss so that DistributedDataParallel's gradient hooks see it
+        return self.loss(batch)
+
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 

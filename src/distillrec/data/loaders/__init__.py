@@ -97,3 +97,7 @@ def load_dataset(cfg: DatasetConfig | dict) -> Dataset:
 
 def available_formats() -> list[str]:
     return sorted(_LOADERS)
+
+
+# the built-in loaders register themselves (and their known dataset names) on import
+from . import amazon_raw, click_log, microlens, recbole_atomic, s3rec, session_tsv  # noqa: E402,F401

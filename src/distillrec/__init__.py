@@ -1,0 +1,3 @@
+"""distillrec: LLM-enhanced multimodal session-based and sequential recommendation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""The ``distillrec`` command line. Later issues extend it; existing commands and options keep working."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .data.dataset import DataError
+from .training.config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLM-enhanced multimodal session recommendation.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, validate and export datasets.")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Output folder."),
+    seed: list[int] = typer.Option([2024], "--seed", help="Seed(s); repeat for several."),
+):
+    """Run the main job on the embedded demo shop and write a report."""
+    from .quickstart import quickstart as run_quickstart
+
+    try:
+        run_quickstart(out, seeds=seed, console=console)
+    except (DataError, ConfigError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Run configuration (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=0.001 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<config name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+):
+    """Train and evaluate one model on one dataset (every seed of the config)."""
+    from .training.config import load_config
+    from .training.trainer import run
+
+    try:
+        cfg = load_config(config, set_)
+        out = out or Path("runs") / config.stem
+        metrics = run(cfg, out, resume=resume)
+    except (DataError, ConfigError) as e:
+        _fail(str(e))
+    console.print(json.dumps({"valid": metrics["valid"], "test": metrics["test"]}, indent=1))
+    console.print(f"run folder: {out}")
+
+
+@app.command()
+def evaluate(run_dir: Path = typer.Argument(..., help="A finished run folder.")):
+    """Re-evaluate a run's best checkpoints on validation and test."""
+    from .training.trainer import evaluate_run
+
+    try:
+        result = evaluate_run(run_dir)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+    console.print(json.dumps(result, indent=1))
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders; the first is the baseline."),
+    metric: str = typer.Option("ndcg@10", help="Metric for the paired test."),
+):
+    """Table of runs with mean ± 95% CI and paired tests against the first run."""
+    from .evaluation.report import compare_runs
+
+    try:
+        console.print(compare_runs(run_dirs, metric))
+    except FileNotFoundError as e:
+        _fail(str(e))
+
+
+@app.command("models")
+def list_models():
+    """List the registered recommenders."""
+    from .models import available_models
+
+    console.print("\n".join(available_models()))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: str = typer.Argument(..., help="A dataset folder or file, or a known dataset name."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Loader format (guessed from the files if omitted)."),
+):
+    """Print statistics and validate a dataset; exits 1 when it has errors."""
+    from .data.validate import format_report, inspect_path
+
+    try:
+        report = inspect_path(path, fmt)
+    except DataError as e:
+        _fail(str(e))
+    console.print(format_report(report), highlight=False)
+    if any(p.severity == "error" for p in report.get("problems", [])):
+        raise typer.Exit(1)
+
+
+@data_app.command("export-recbole")
+def data_export_recbole(
+    name: str = typer.Argument(..., help="A known dataset name (or use --format/--path)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the atomic files."),
+    fmt: Optional[str] = typer.Option(None, "--format"),
+    path: Optional[str] = typer.Option(None, "--path"),
+):
+    """Write a dataset as RecBole atomic files, to cross-check results with RecBole."""
+    from .data.export import export_recbole
+    from .data.loaders import load_dataset
+
+    try:
+        ds = load_dataset({"name": name, "format": fmt, "path": path})
+        written = export_recbole(ds, out)
+    except DataError as e:
+        _fail(str(e))
+    console.print(f"wrote {written}")
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

@@ -1,0 +1,124 @@
+"""GRU4Rec and SASRec with frozen item features (e.g. CLIP text and image embeddings) fused into the item table.
+
+Each item's vector is ``ID embedding + sum_f adapter_f(feature_f)`` (fusion "add"), or a Linear over their
+concatenation (fusion "concat"); ``use_id=False`` drops the ID embedding, so items never seen in training still get a
+meaningful vector from their features (cold start). The fused table replaces the ID table everywhere, as the input
+embedding and as the output (scoring) layer, so the networks themselves are exactly GRU4Rec's and SASRec's: only
+``item_table()`` is overridden.
+
+The feature matrices are registered as **non-persistent** buffers: they move with ``.to(device)`` and are never
+trained, but they stay out of checkpoints. They are a function of the dataset, which is needed anyway to build the
+model (``cls(config, dataset)``), so saving them would only copy tens of MB of CLIP rows into every checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..data.dataset import Dataset
+from .base import ModelConfig, register_model
+from .gru4rec import GRU4Rec, GRU4RecConfig
+from .sasrec import SASRec, SASRecConfig
+
+
+class FusionConfig(ModelConfig):
+    features: list[str] = Field(min_length=1)  # names in dataset.items.features, e.g. ["text_clip", "image_clip"]
+    fusion: Literal["add", "concat"] = "add"
+    use_id: bool = True  # False: features only (cold-start items)
+    adapter_layernorm: bool = True  # LayerNorm after each adapter's Linear: CLIP and text features differ in scale
+    adapter_dropout: float = 0.1
+
+
+class FusedGRU4RecConfig(GRU4RecConfig, FusionConfig):
+    pass
+
+
+class FusedSASRecConfig(SASRecConfig, FusionConfig):
+    pass
+
+
+def _adapter(d_in: int, d_out: int, c: FusionConfig, scale: float) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(d_in, d_out)]
+    if c.adapter_layernorm:
+        # LayerNorm's gain starts at the ID embeddings' init scale instead of 1: unit-variance rows would make the
+        # initial logits ~100x larger than the ID model's (init loss ~19 instead of ~log n on a toy set) and
+        # saturate the softmax; this way the fused model starts where the ID model starts, and the gain is learnt.
+        ln = nn.LayerNorm(d_out)
+        nn.init.constant_(ln.weight, scale)
+        layers.append(ln)
+    layers.append(nn.Dropout(c.adapter_dropout))
+    return nn.Sequential(*layers)
+
+
+class FusedItems:
+    """Mixin placed before GRU4Rec / SASRec: adds the frozen features and adapters, overrides ``item_table``."""
+
+    def _init_fusion(self, c: FusionConfig, dataset: Dataset) -> None:
+        available = dataset.items.features
+        for name in c.features:
+            if name not in available:
+                raise ValueError(
+                    f"{self.name}: the dataset has no item feature '{name}'; available features: "
+                    f"{', '.join(sorted(available)) or 'none'} (attach one with ItemTable.add_features or the "
+                    "dataset's features settings)"
+                )
+        d = self.item_dim
+        scale = float(self.item_emb.weight[1:].std())  # the ID table's init scale (RecBole's init of each model)
+        for i, name in enumerate(c.features):
+            # attribute-safe names (feature names may hold dots); row 0 of every matrix is padding
+            self.register_buffer(f"feature_{i}", torch.as_tensor(available[name], dtype=torch.float32), persistent=False)
+        self.adapters = nn.ModuleList(_adapter(available[n].shape[1], d, c, scale) for n in c.features)
+        n_parts = len(c.features) + int(c.use_id)
+        self.fuse = nn.Linear(n_parts * d, d) if c.fusion == "concat" else None
+        if not c.use_id:
+            self.item_emb = None  # features only: no per-item parameters at all
+        # zeroes the padding row of the fused table (adapter biases and LayerNorm would otherwise make it non-zero)
+        mask = torch.ones(dataset.n_items + 1, 1)
+        mask[0] = 0
+        self.register_buffer("row_mask", mask, persistent=False)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _fused_table(self) -> torch.Tensor:
+        feats = [getattr(self, f"feature_{i}") for i in range(len(self.adapters))]
+        parts = [adapter(f) for adapter, f in zip(self.adapters, feats)]
+        if self.item_emb is not None:
+            parts.insert(0, self.item_emb.weight)
+        table = self.fuse(torch.cat(parts, dim=-1)) if self.fuse is not None else torch.stack(parts).sum(0)
+        return table * self.row_mask
+
+    def item_table(self) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            return self._fused_table()
+        # Evaluation calls score() batch after batch with unchanged weights: build the table once per eval() call.
+        # train()/eval() drop the cache; the key also catches in-place updates that bump parameter versions, and
+        # device moves (fused optimizers and writes through .data bump no version, hence the train()/eval() reset).
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._fused_table())
+        return self._cache[1]
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+
+@register_model("fused_gru4rec")
+class FusedGRU4Rec(FusedItems, GRU4Rec):
+    Config = FusedGRU4RecConfig
+
+    def __init__(self, config: FusedGRU4RecConfig, dataset: Dataset):
+        super().__init__(config, dataset)
+        self._init_fusion(config, dataset)
+
+
+@register_model("fused_sasrec")
+class FusedSASRec(FusedItems, SASRec):
+    Config = FusedSASRecConfig
+
+    def __init__(self, config: FusedSASRecConfig, dataset: Dataset):
+        super().__init__(config, dataset)
+        self._init_fusion(config, dataset)

@@ -1,0 +1,293 @@
+"""The shared trainer: one loop for every recommender, top to bottom.
+
+For each seed: build the model, ``fit`` it on the training sequences, then (if it has parameters) train epoch by
+epoch, evaluating full-ranking NDCG@10 on validation after each epoch; keep the best-validation weights, stop after
+``patience`` epochs without improvement, and test the best-validation weights once. Test is never looked at before.
+
+Determinism and resume: each epoch's shuffling and dropout are seeded from (seed, epoch), and a checkpoint with
+model, optimizer and loop state is written atomically at the end of every epoch, so ``resume=True`` after a kill
+continues from the last finished epoch and ends with the same metrics as an uninterrupted run.
+Under ``torchrun --nproc_per_node N`` the same code runs DDP: each rank trains on its shard of every epoch's
+batches and evaluates a stripe of the rows, and rank 0 writes everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.batching import causal_batch, causal_windows, example_batch
+from ..data.dataset import Dataset
+from ..data.loaders import load_dataset
+from ..evaluation.evaluator import rank_examples, summarise
+from ..evaluation.metrics import aggregate_seeds
+from ..evaluation.report import plot_curves, render_run_report
+from ..models import Recommender, build_model
+from .checkpoint import load_checkpoint, read_state, save_checkpoint
+from .config import RunConfig, dump_config
+from .distributed import barrier, gather_rows, init_distributed, shard
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
+
+
+def _make_logger(out_dir: Path, rank: int) -> logging.Logger:
+    logger = logging.getLogger(f"distillrec.run.{out_dir.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not logger.handlers and rank == 0:
+        fh = logging.FileHandler(out_dir / "train.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(fh)
+    return logger
+
+
+class _RankedEval:
+    """Evaluates a split under DDP striping: each rank ranks rows[rank::world], every rank gets all ranks."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+
+    def ranks(self, model: Recommender, examples) -> np.ndarray:
+        rows = np.arange(len(examples))[self.rank :: self.world]
+        mine = rank_examples(model, examples, self.cfg.eval, self.cfg.train.max_len, rows=rows)
+        return gather_rows(mine, len(examples), self.rank, self.world)
+
+
+def train_one_seed(
+    cfg: RunConfig, dataset: Dataset, seed: int, out_dir: Path, resume: bool, logger: logging.Logger
+) -> dict[str, Any]:
+    rank, world = init_distributed()
+    tc = cfg.train
+    ckpt_dir = out_dir / "checkpoints" / f"seed{seed}"
+    last_path, best_path = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
+    evaluator = _RankedEval(cfg, rank, world)
+    select = cfg.eval.select_metric
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    model = build_model(cfg.model.name, cfg.model.params, dataset)
+    model.fit(dataset)
+    t_train = 0.0
+    t_eval = 0.0
+    history: list[dict[str, Any]] = []
+    best_epoch = -1
+
+    if model.trainable:
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        optimizer = torch.optim.Adam(
+            [p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay
+        )
+        state = {"epoch_done": -1, "best": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "finished": False}
+        if resume and last_path.exists():
+            state = load_checkpoint(last_path, model, optimizer)
+            logger.info(f"seed {seed}: resumed after epoch {state['epoch_done']}")
+        history = state["history"]
+
+        if model.train_format == "causal":
+            units = causal_windows(dataset.train, tc.max_len)
+            make_batch = causal_batch
+        else:
+            train_examples = dataset.train_examples()
+            units = np.arange(len(train_examples))
+            make_batch = None
+        per_rank_batch = max(1, tc.batch_size // world)
+        epoch = state["epoch_done"] + 1
+        while not state["finished"] and epoch < tc.epochs:
+            t0 = time.perf_counter()
+            torch.manual_seed(_epoch_seed(seed, epoch))
+            order = shard(np.random.default_rng(_epoch_seed(seed, epoch)).permutation(len(units)), rank, world)
+            model.train()
+            total, n_batches = 0.0, (len(order) + per_rank_batch - 1) // per_rank_batch
+            bar = tqdm(
+                range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{tc.epochs}", leave=False,
+                disable=not tc.progress or rank != 0, dynamic_ncols=True,
+            )
+            for b in bar:
+                idx = order[b * per_rank_batch : (b + 1) * per_rank_batch]
+                if make_batch is not None:
+                    batch = make_batch([units[i] for i in idx])
+                else:
+                    batch = example_batch(train_examples, idx, tc.max_len)
+                loss = ddp(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                total += float(loss.detach())
+                bar.set_postfix(loss=f"{total / (b + 1):.4f}")
+            bar.close()
+            t_train += time.perf_counter() - t0
+
+            t1 = time.perf_counter()
+            valid_ranks = evaluator.ranks(model, dataset.valid)
+            valid = summarise(valid_ranks, dataset.valid, dataset, cfg.eval, with_slices=False)["metrics"]
+            t_eval += time.perf_counter() - t1
+            score = valid[select]
+            improved = score > state["best"]
+            if improved:
+                state.update(best=score, best_epoch=epoch, bad_epochs=0)
+            else:
+                state["bad_epochs"] += 1
+            history.append(
+                {"epoch": epoch + 1, "train_loss": total / max(1, n_batches), f"valid_{select}": score,
+                 "epoch_s": round(time.perf_counter() - t0, 3)}
+            )
+            state["history"] = history
+            state["epoch_done"] = epoch
+            state["finished"] = state["bad_epochs"] >= tc.patience or epoch + 1 >= tc.epochs
+            if rank == 0:
+                if improved:
+                    save_checkpoint(best_path, model, {"epoch": epoch, select: score})
+                save_checkpoint(last_path, model, state, optimizer)
+            barrier()
+            eta = (tc.epochs - epoch - 1) * (time.perf_counter() - t0)
+            logger.info(
+                f"seed {seed} epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} valid {select} {score:.4f}"
+                f"{' (best)' if improved else ''} [{history[-1]['epoch_s']:.1f}s, at most {eta:.0f}s left]"
+            )
+            epoch += 1
+        best_epoch = state["best_epoch"]
+        if best_path.exists():
+            load_checkpoint(best_path, model)
+
+    t1 = time.perf_counter()
+    valid_ranks = evaluator.ranks(model, dataset.valid)
+    test_ranks = evaluator.ranks(model, dataset.test)
+    t_eval += time.perf_counter() - t1
+    valid = summarise(valid_ranks, dataset.valid, dataset, cfg.eval, with_slices=False)
+    test = summarise(test_ranks, dataset.test, dataset, cfg.eval)
+    if rank == 0:
+        (out_dir / "ranks").mkdir(exist_ok=True)
+        np.save(out_dir / "ranks" / f"valid_seed{seed}.npy", valid_ranks)
+        np.save(out_dir / "ranks" / f"test_seed{seed}.npy", test_ranks)
+    logger.info(f"seed {seed}: best epoch {best_epoch + 1}, valid {select} {valid['metrics'][select]:.4f}, "
+                f"test {select} {test['metrics'][select]:.4f}")
+    return {
+        "seed": seed,
+        "best_epoch": best_epoch + 1,
+        "epochs_run": len(history),
+        "valid": valid["metrics"],
+        "test": test["metrics"],
+        "slices": test["slices"],
+        "history": history,
+        "train_s": round(t_train, 3),
+        "eval_s": round(t_eval, 3),
+    }
+
+
+def _mean_slices(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    first = per_seed[0]["slices"]
+    out: dict[str, Any] = {}
+    for group, buckets in first.items():
+        out[group] = {}
+        for label, metrics in buckets.items():
+            out[group][label] = {
+                k: float(np.mean([s["slices"][group][label].get(k, 0.0) for s in per_seed])) for k in metrics
+            }
+            out[group][label]["n"] = metrics["n"]
+    return out
+
+
+def run(
+    cfg: RunConfig, out_dir: str | Path, resume: bool = False, dataset: Dataset | None = None
+) -> dict[str, Any]:
+    """Train and evaluate ``cfg`` for every seed; writes config.yaml, metrics.json, report.md, train.log and
+    checkpoints into ``out_dir`` and returns the metrics dictionary."""
+    rank, world = init_distributed()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    logger = _make_logger(out_dir, rank)
+    if rank == 0:
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
+    dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
+    protocol = cfg.eval.describe(dataset, cfg.train.max_len)
+    logger.info(f"model {cfg.model.name} on {dataset.name}: {json.dumps(dataset.statistics())}")
+    logger.info(f"protocol {protocol['hash']}: {json.dumps(protocol)}")
+    if dataset.report.skipped:
+        logger.info(f"loader skipped rows: {dataset.report.summary()}")
+
+    per_seed = [train_one_seed(cfg, dataset, s, out_dir, resume, logger) for s in cfg.train.seeds]
+    valid_agg = aggregate_seeds([s["valid"] for s in per_seed])
+    test_agg = aggregate_seeds([s["test"] for s in per_seed])
+    metrics = {
+        "model": cfg.model.name,
+        "dataset": dataset.name,
+        "dataset_stats": dataset.statistics(),
+        "protocol": protocol,
+        "valid": {k: v["mean"] for k, v in valid_agg.items()},
+        "test": {k: v["mean"] for k, v in test_agg.items()},
+        "valid_ci95": {k: v["ci95"] for k, v in valid_agg.items()},
+        "test_ci95": {k: v["ci95"] for k, v in test_agg.items()},
+        "slices": _mean_slices(per_seed),
+        "seeds": per_seed,
+        "timing": {
+            "train_s": round(sum(s["train_s"] for s in per_seed), 3),
+            "eval_s": round(sum(s["eval_s"] for s in per_seed), 3),
+            "train_s_per_epoch": round(
+                sum(s["train_s"] for s in per_seed) / max(1, sum(s["epochs_run"] for s in per_seed)), 3
+            ),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "world_size": world,
+        },
+    }
+    if rank == 0:
+        tmp = out_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=1))
+        os.replace(tmp, out_dir / "metrics.json")
+        curves = plot_curves(per_seed, out_dir / "curves.png")
+        (out_dir / "report.md").write_text(render_run_report(metrics, curves_png=curves))
+    barrier()
+    return metrics
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
+    """Re-evaluate the best checkpoints of a finished run on valid and test (returns per-seed and mean metrics)."""
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    dataset = load_dataset(cfg.dataset)
+    per_seed = []
+    for seed in cfg.train.seeds:
+        best = run_dir / "checkpoints" / f"seed{seed}" / "best.safetensors"
+        torch.manual_seed(seed)
+        model = build_model(cfg.model.name, cfg.model.params, dataset)
+        model.fit(dataset)
+        if model.trainable:
+            if not best.exists():
+                raise FileNotFoundError(f"{best} not found: seed {seed} did not finish; rerun train with --resume")
+            load_checkpoint(best, model)
+        out = {"seed": seed}
+        for split in ("valid", "test"):
+            ex = getattr(dataset, split)
+            ranks = rank_examples(model, ex, cfg.eval, cfg.train.max_len)
+            out[split] = summarise(ranks, ex, dataset, cfg.eval, with_slices=False)["metrics"]
+        per_seed.append(out)
+    return {
+        "model": cfg.model.name,
+        "dataset": dataset.name,
+        "valid": {k: v["mean"] for k, v in aggregate_seeds([s["valid"] for s in per_seed]).items()},
+        "test": {k: v["mean"] for k, v in aggregate_seeds([s["test"] for s in per_seed]).items()},
+        "seeds": per_seed,
+    }
+
+
+__all__ = ["run", "evaluate_run", "read_state", "peak_rss_mb"]
