@@ -67,7 +67,7 @@ class FusedItems:
                     "dataset's features settings)"
                 )
         d = self.item_dim
-        scale = float(self.item_emb.weight[1:].std())  # the ID table's init scale (RecBole's init of each model)
+        scale = float(self.item_emb.weight[1:].detach().std())  # the ID table's init scale (RecBole's init of each model)
         for i, name in enumerate(c.features):
             # attribute-safe names (feature names may hold dots); row 0 of every matrix is padding
             self.register_buffer(f"feature_{i}", torch.as_tensor(available[name], dtype=torch.float32), persistent=False)

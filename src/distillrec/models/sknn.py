@@ -26,6 +26,7 @@ Nothing is trained (``trainable`` is False): ``fit`` builds M, ``score`` ranks.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -86,9 +87,13 @@ class SKNN(Recommender):
         row = torch.from_numpy(np.concatenate(rows)) if rows else torch.zeros(0, dtype=torch.int64)
         col = torch.from_numpy(np.concatenate(cols)) if cols else torch.zeros(0, dtype=torch.int64)
         ones = torch.ones(len(row), dtype=torch.float32)
-        coo = torch.sparse_coo_tensor(torch.stack([row, col]), ones, (n_sessions, width)).coalesce()
-        self.sessions = coo.to_sparse_csr()
-        self.sessions_t = coo.t().coalesce().to_sparse_csr()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            coo = torch.sparse_coo_tensor(
+                torch.stack([row, col]), ones, (n_sessions, width), check_invariants=True
+            ).coalesce()
+            self.sessions = coo.to_sparse_csr()
+            self.sessions_t = coo.t().coalesce().to_sparse_csr()
         self.session_sizes = torch.bincount(row, minlength=n_sessions).to(torch.float32)
 
     @torch.no_grad()
@@ -116,22 +121,22 @@ class SKNN(Recommender):
             h_in = torch.cat([h_bin, h_w], dim=0)
 
         # Overlaps with every training session: [S, B] (or [S, 2B] with weights) -> [B, S].
-        overlap_all = torch.sparse.mm(self.sessions, h_in.t().contiguous()).t()
+        overlap_all = torch.sparse.mm(self.sessions, h_in.t().contiguous()).t().contiguous()
         overlap = overlap_all[:n_batch]  # |h & s|
-        weighted = overlap_all[n_batch:] if cfg.recency_weighting != "none" else overlap
+        sim = overlap_all[n_batch:] if cfg.recency_weighting != "none" else overlap.clone()  # weighted |h & s|
 
         s_size = self.session_sizes.unsqueeze(0)  # [1, S]
         if cfg.similarity == "cosine":
-            sim = weighted / torch.sqrt(h_size * s_size).clamp(min=1e-12)
+            sim.mul_(h_size.clamp(min=1).rsqrt()).mul_(s_size.clamp(min=1).rsqrt())
         else:  # jaccard
-            sim = weighted / (h_size + s_size - overlap).clamp(min=1e-12)
+            sim.div_((h_size + s_size - overlap).clamp(min=1))
 
-        # Candidates: sessions sharing an item; optionally only the sample_size most recent (last in train order).
-        candidate = overlap > 0
+        # Candidates share an item (the others already have similarity 0); with sample_size only the most recent
+        # sample_size candidates (last in train order) stay.
         if cfg.sample_size > 0:
-            from_end = candidate.flip(1).to(torch.int32).cumsum(1).flip(1)  # candidates at this index or later
-            candidate &= from_end <= cfg.sample_size
-        sim = torch.where(candidate, sim, torch.zeros_like(sim))
+            count = (overlap > 0).to(torch.float32)  # float cumsum: exact below 2^24 sessions, and fast
+            from_end = count.sum(1, keepdim=True) - count.cumsum(1) + count  # candidates at this index or later
+            sim.masked_fill_(from_end > cfg.sample_size, 0.0)
 
         # k nearest neighbours; non-candidates picked to fill up k have similarity 0 and add nothing.
         k = min(cfg.k, sim.shape[1])
