@@ -80,7 +80,8 @@ def test_sknn_duplicates_and_padding_in_batch():
     scores = sknn().score(eval_batch([[1, 2, 1], [4]]))
     assert scores[0].tolist() == pytest.approx(expected({0: C0, 1: C1, 3: C3}).tolist(), abs=1e-6)
     # {4}: T1 cosine 1/sqrt(2), T3 cosine 1/sqrt(3)
-    assert scores[1].tolist() == pytest.approx(expected({1: 1 / math.sqrt(2), 3: 1 / math.sqrt(3)}).tolist(), abs=1e-6)
+    want = expected({1: 1 / math.sqrt(2), 3: 1 / math.sqrt(3)})
+    assert scores[1].tolist() == pytest.approx(want.tolist(), abs=1e-6)
 
 
 def test_sknn_keeps_k_neighbours():

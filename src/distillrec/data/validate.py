@@ -103,7 +103,7 @@ def validate_dataset(ds: Dataset) -> list[Problem]:
     for part, ex in (("valid", ds.valid), ("test", ds.test)):
         t = ex.targets[(ex.targets >= 1) & (ex.targets <= n)]
         cold = t[counts[t] == 0]
-        add("warning", "cold_targets", len(cold),
+        add("warning", f"cold_{part}_targets", len(cold),
             f"{part} targets never occur in the training sequences (cold items)",
             [items.ids[i - 1] for i in sorted(set(cold.tolist()))])
         if len(ex) == 0:
@@ -137,6 +137,9 @@ def guess_format(folder: Path) -> tuple[str, dict[str, Any]]:
         name = folder.name
         if name.endswith(("_5.json.gz", "_5.json")):
             return "amazon2018", {"category": name.split("_5.json")[0]}
+        if name.endswith(".inter") and not name.endswith((".train.inter", ".valid.inter", ".test.inter")) \
+                and "recbole_inter" in available_formats():
+            return "recbole_inter", {}
         if ".jsonl" in name:
             return "amazon2023", {"category": name.split(".jsonl")[0].removeprefix("meta_")}
         folder = folder.parent
@@ -144,6 +147,9 @@ def guess_format(folder: Path) -> tuple[str, dict[str, Any]]:
     has = lambda pred: [n for n in names if pred(n)]  # noqa: E731
     if has(lambda n: n.endswith(".train.inter")):
         return "recbole_atomic", {}
+    plain_inter = has(lambda n: n.endswith(".inter"))
+    if plain_inter and "recbole_inter" in available_formats():
+        return "recbole_inter", {}
     if has(lambda n: n.endswith("_train.tsv")):
         return "session_tsv", {}
     if has(lambda n: n.endswith("pairs.tsv")):

@@ -67,10 +67,11 @@ class FusedItems:
                     "dataset's features settings)"
                 )
         d = self.item_dim
-        scale = float(self.item_emb.weight[1:].detach().std())  # the ID table's init scale (RecBole's init of each model)
+        scale = float(self.item_emb.weight[1:].detach().std())  # the ID table's init scale (each model's own init)
         for i, name in enumerate(c.features):
             # attribute-safe names (feature names may hold dots); row 0 of every matrix is padding
-            self.register_buffer(f"feature_{i}", torch.as_tensor(available[name], dtype=torch.float32), persistent=False)
+            matrix = torch.as_tensor(available[name], dtype=torch.float32)
+            self.register_buffer(f"feature_{i}", matrix, persistent=False)
         self.adapters = nn.ModuleList(_adapter(available[n].shape[1], d, c, scale) for n in c.features)
         n_parts = len(c.features) + int(c.use_id)
         self.fuse = nn.Linear(n_parts * d, d) if c.fusion == "concat" else None

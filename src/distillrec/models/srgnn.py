@@ -59,7 +59,7 @@ def session_graphs(history: torch.Tensor, lengths: torch.Tensor) -> dict[str, to
     is_new[:, 1:] &= sorted_items[:, 1:] != sorted_items[:, :-1]
     node_of_sorted = is_new.to(torch.int64).cumsum(1) - 1  # node index of each sorted position
     node_of_sorted = torch.where(valid, node_of_sorted, torch.zeros_like(node_of_sorted))
-    n_nodes = max(1, int(is_new.sum(1).max().item()) if n_batch else 1)
+    n_nodes = max(1, int(is_new.sum(1).max())) if n_batch else 1
 
     alias = torch.zeros_like(history).scatter_(1, order, node_of_sorted)
     items = torch.zeros(n_batch, n_nodes, dtype=history.dtype, device=device)

@@ -88,7 +88,9 @@ def train_one_seed(
     best_epoch = -1
 
     if model.trainable:
-        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        ddp = (
+            torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+        )  # buffers (feature matrices, statistics) never change in training: no need to broadcast them
         optimizer = torch.optim.Adam(
             [p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay
         )
@@ -115,7 +117,7 @@ def train_one_seed(
             total, n_batches = 0.0, (len(order) + per_rank_batch - 1) // per_rank_batch
             bar = tqdm(
                 range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{tc.epochs}", leave=False,
-                disable=not tc.progress or rank != 0, dynamic_ncols=True,
+                disable=not tc.progress or rank != 0, dynamic_ncols=True, mininterval=1.0,
             )
             for b in bar:
                 idx = order[b * per_rank_batch : (b + 1) * per_rank_batch]

@@ -101,3 +101,4 @@ def available_formats() -> list[str]:
 
 # the built-in loaders register themselves (and their known dataset names) on import
 from . import amazon_raw, click_log, microlens, recbole_atomic, s3rec, session_tsv  # noqa: E402,F401
+from . import recbole_inter  # noqa: E402,F401
