@@ -285,6 +285,7 @@ def _thread_env(threads: int) -> dict[str, str]:
 
 def _run_child(cmd: list[str], marker: str, env: dict[str, str], cwd: Path, log_path: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with open(log_path, "w") as lf:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=lf, text=True)
         out, _ = proc.communicate()
@@ -294,6 +295,8 @@ def _run_child(cmd: list[str], marker: str, env: dict[str, str], cwd: Path, log_
         raise RuntimeError(f"{' '.join(cmd)} failed (rc {proc.returncode}); log {log_path}:\n{tail}")
     res = json.loads(lines[-1][len(marker) + 1:])
     res["process_wall_s"] = round(time.perf_counter() - t0, 3)
+    # other processes on the machine distort every timing (threads wait on descheduled threads): keep the load
+    res["loadavg_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     return res
 
 
@@ -448,11 +451,14 @@ def render_notes(result: dict[str, Any]) -> str:
         "- s/epoch: training only (no validation). eval s: one full-ranking pass over valid + test with the best "
         "model (checkpoint loading excluded). RSS: peak resident set of each side's whole process "
         "(import + data + training + evaluation). Targets: epoch and eval time ≤ 1/3 of RecBole's, memory ≤ 1/2.",
-        f"- RecBole: {env['recbole']['installed']} in {env['recbole']['venv']} "
+        f"- RecBole: {', '.join(f'{k} {v}' for k, v in env['recbole']['installed'].items())} in "
+        f"{env['recbole']['venv']} "
         f"(pins: {' + '.join(' '.join(p) for p in (PINS['step1'], PINS['step2']))}, "
         "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1); ours: distillrec on "
         f"torch {env['ours_torch']}, Python {env['python']}; host {env['host']} ({env['cpus']} CPUs).",
         "- split column: RecBole's own per-user valid/test items compared with ours ('same' = every user identical).",
+        f"- 1-min load average around the runs: {result['load_range']} on {env['cpus']} CPUs; other busy processes "
+        "distort every timing (with 2 threads on 2 shared cores, a busy neighbour slowed both sides up to ~8x here).",
     ])
 
 
@@ -511,8 +517,10 @@ def main(argv: list[str] | None = None) -> None:
                 f" peak {rb['peak_rss_mb']:.0f} MB, split {'same' if rb['split_match']['ok'] else 'DIFFERS'}")
             rows.append(summarise_pair(ds, model, ours, rb))
             raw.append({"dataset": ds, "model": model, "ours": ours, "recbole": rb})
+    loads = [v for r in raw for side in ("ours", "recbole") for v in r[side]["loadavg_1min"].values()]
     result = {
         "args": vars(args) | {"ours_worker": None},
+        "load_range": f"{min(loads):.1f}–{max(loads):.1f}" if loads else "–",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "environment": env, "targets": TARGETS, "our_batch": our_batch, "datasets": datasets,
         "rows": rows, "runs": raw, "wall_s": round(time.perf_counter() - t_all, 1),

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .data.dataset import DataError
 from .training.config import ConfigError
@@ -21,7 +22,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -56,7 +57,7 @@ def train(
         metrics = run(cfg, out, resume=resume)
     except (DataError, ConfigError) as e:
         _fail(str(e))
-    console.print(json.dumps({"valid": metrics["valid"], "test": metrics["test"]}, indent=1))
+    console.print_json(json.dumps({"valid": metrics["valid"], "test": metrics["test"]}, indent=1))
     console.print(f"run folder: {out}")
 
 
@@ -69,7 +70,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished run folder."))
         result = evaluate_run(run_dir)
     except (DataError, ConfigError, FileNotFoundError) as e:
         _fail(str(e))
-    console.print(json.dumps(result, indent=1))
+    console.print_json(json.dumps(result, indent=1))
 
 
 @app.command()
@@ -106,8 +107,8 @@ def data_inspect(
         report = inspect_path(path, fmt)
     except DataError as e:
         _fail(str(e))
-    console.print(format_report(report), highlight=False)
-    if any(p.severity == "error" for p in report.get("problems", [])):
+    console.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
+    if report.get("errors", 0):
         raise typer.Exit(1)
 
 
