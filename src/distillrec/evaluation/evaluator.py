@@ -50,12 +50,19 @@ def rank_examples(
         raise ValueError(f"candidate mode '{protocol.candidates}' is not implemented; use 'full'")
     was_training = model.training
     model.eval()
-    out = []
-    for _, batch in iterate_example_batches(examples, protocol.batch_size, max_len, order=rows):
+    rows = np.arange(len(examples)) if rows is None else np.asarray(rows)
+    # score rows in order of history length (less padding), then put the ranks back in row order
+    lengths = np.array([min(len(examples.histories[i]), max_len) for i in rows], dtype=np.int64)
+    by_length = np.argsort(lengths, kind="stable")
+    ranks = np.zeros(len(rows), dtype=np.int64)
+    done = 0
+    for _, batch in iterate_example_batches(examples, protocol.batch_size, max_len, order=rows[by_length]):
         scores = model.score(batch)
-        out.append(pessimistic_ranks(scores, batch["target"], batch["history"], protocol.mask_history))
+        r = pessimistic_ranks(scores, batch["target"], batch["history"], protocol.mask_history)
+        ranks[by_length[done : done + len(r)]] = r.numpy()
+        done += len(r)
     model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+    return ranks
 
 
 def summarise(

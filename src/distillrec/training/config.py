@@ -33,6 +33,7 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = None
     patience: int = 5  # epochs without a better validation metric before stopping
     max_len: int = 50  # the most recent items a model sees
+    bucket_by_length: bool = True  # batches of similar lengths (shuffled): same data, far less padding work
     seeds: list[int] = Field(default_factory=lambda: [2024])
     num_threads: int | None = None  # torch intra-op threads (None: torch's default)
     progress: bool = True

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.batching import causal_batch, causal_windows, example_batch
+from ..data.batching import causal_batch, causal_windows, example_batch, length_bucketed_batches
 from ..data.dataset import Dataset
 from ..data.loaders import load_dataset
 from ..evaluation.evaluator import rank_examples, summarise
@@ -102,25 +102,32 @@ def train_one_seed(
 
         if model.train_format == "causal":
             units = causal_windows(dataset.train, tc.max_len)
+            unit_lengths = np.array([len(w[0]) for w in units])
             make_batch = causal_batch
         else:
             train_examples = dataset.train_examples()
             units = np.arange(len(train_examples))
+            unit_lengths = np.array([min(len(h), tc.max_len) for h in train_examples.histories])
             make_batch = None
         per_rank_batch = max(1, tc.batch_size // world)
         epoch = state["epoch_done"] + 1
         while not state["finished"] and epoch < tc.epochs:
             t0 = time.perf_counter()
             torch.manual_seed(_epoch_seed(seed, epoch))
-            order = shard(np.random.default_rng(_epoch_seed(seed, epoch)).permutation(len(units)), rank, world)
+            rng = np.random.default_rng(_epoch_seed(seed, epoch))
+            order = shard(rng.permutation(len(units)), rank, world)
+            if tc.bucket_by_length:
+                batches = length_bucketed_batches(order, unit_lengths, per_rank_batch, rng)
+            else:
+                batches = [order[i : i + per_rank_batch] for i in range(0, len(order), per_rank_batch)]
             model.train()
-            total, n_batches = 0.0, (len(order) + per_rank_batch - 1) // per_rank_batch
+            total, n_batches = 0.0, len(batches)
             bar = tqdm(
                 range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{tc.epochs}", leave=False,
                 disable=not tc.progress or rank != 0, dynamic_ncols=True, mininterval=1.0,
             )
             for b in bar:
-                idx = order[b * per_rank_batch : (b + 1) * per_rank_batch]
+                idx = batches[b]
                 if make_batch is not None:
                     batch = make_batch([units[i] for i in idx])
                 else:
