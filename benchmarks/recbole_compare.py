@@ -422,7 +422,8 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"{_f(c['eval_s']['ratio'], 2)} {_mark(c['eval_s']['ok'])}",
             _f(c["peak_rss_mb"]["ours"], 0), _f(c["peak_rss_mb"]["recbole"], 0),
             f"{_f(c['peak_rss_mb']['ratio'], 2)} {_mark(c['peak_rss_mb']['ok'])}",
-            f"{r['epochs']['ours']} ({r['best_epoch']['ours']}) / {r['epochs']['recbole']} ({r['best_epoch']['recbole']})",
+            f"{r['epochs']['ours']} ({r['best_epoch']['ours']}) / "
+            f"{r['epochs']['recbole']} ({r['best_epoch']['recbole']})",
             f"{r['steps_per_epoch']['ours']} / {r['steps_per_epoch']['recbole']}",
             "same" if r["split_match"]["ok"] else
             f"DIFFERS ({r['split_match']['identical_valid_and_test_items']}/{r['split_match']['users_recbole']})",
@@ -442,7 +443,7 @@ def render_notes(result: dict[str, Any]) -> str:
         f"- Batches: RecBole {RECBOLE_BATCH} prefix rows (one target each, history ≤ {MAX_LEN}); ours = windows of "
         f"≤ {MAX_LEN} positions trained causally (every position a target). Our batch ({a['our_batch']}): "
         f"{batches} — 'matched' gives both sides the same optimiser steps per epoch (≈ {RECBOLE_BATCH} targets per "
-        "step each), so equal epochs mean equal updates.",
+        "step each), so equal epochs mean equal updates. Our trainer's defaults otherwise (length-bucketed batches).",
         "- Same hyperparameters: RecBole defaults (SASRec 2 layers, 2 heads, hidden 64, inner 256, dropout 0.5/0.5, "
         "GELU; GRU4Rec emb 64, hidden 128, 1 layer, dropout 0.3), CE over all items, Adam 1e-3, wd 0, history ≤ 50, "
         "full ranking, history not masked. Eval batch: ours 512 rows, RecBole 4096 (each library's default).",
