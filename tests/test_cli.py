@@ -67,3 +67,17 @@ def test_data_inspect_warns_about_single_item_sequences(tmp_path):
     result = runner.invoke(app, ["data", "inspect", str(folder), "--format", "s3rec"])
     assert result.exit_code == 0
     assert "length1_train_sequences: 2" in result.output
+
+
+def test_recommend_uses_external_ids(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name": "gru4rec"}, "dataset": TINY_DEMO,
+                                   "train": {"epochs": 1, "batch_size": 64, "progress": False}}))
+    assert runner.invoke(app, ["train", str(cfg), "--out", str(tmp_path / "gru")]).exit_code == 0
+    result = runner.invoke(app, ["recommend", str(tmp_path / "gru"), "item00001", "item00002", "-k", "5",
+                                 "--exclude-seen"])
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("item")]
+    assert len(lines) == 5 and not any(ln.split("\t")[0] in ("item00001", "item00002") for ln in lines)
+    bad = runner.invoke(app, ["recommend", str(tmp_path / "gru"), "no-such-item"])
+    assert bad.exit_code == 2 and "no-such-item" in bad.output

@@ -87,6 +87,24 @@ def compare(
         _fail(str(e))
 
 
+@app.command()
+def recommend(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    items: list[str] = typer.Argument(..., help="The session: item ids as in your data, oldest first."),
+    k: int = typer.Option(10, "-k", help="How many items."),
+    exclude_seen: bool = typer.Option(False, "--exclude-seen", help="Leave out the session's own items."),
+):
+    """Top-k items for a session, with the run's best-validation model."""
+    from .serving.recommend import TrainedRecommender
+
+    try:
+        recs = TrainedRecommender.from_run(run_dir).recommend(items, k, exclude_seen)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+    for item, score in recs:
+        console.print(f"{item}\t{score:.4f}", highlight=False)
+
+
 @app.command("models")
 def list_models():
     """List the registered recommenders."""
