@@ -68,7 +68,8 @@ def _version(dist: str) -> str:
 def folder_fingerprint(path: Path) -> str:
     """A cheap fingerprint of a local model folder: names, sizes and mtimes of its config and weight files."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"))
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"))
     for p in files:
         st = p.stat()
         h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -104,7 +105,7 @@ class TextEncoder:
         max_length: int = 256,
         batch_size: int = 64,
         device: str | None = None,
-        dtype: str = "float32",
+        dtype: str | torch.dtype = "float32",
     ) -> None:
         if pooling not in ("mean", "cls"):
             raise ValueError(f"TextEncoder: pooling must be 'mean' or 'cls', got {pooling!r}")
@@ -116,7 +117,7 @@ class TextEncoder:
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = getattr(torch, dtype)
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
         self.is_bundled = self.model_name.lower() in _MINILM_ALIASES
         self._path: Path | None = None  # resolved local folder (None for a hub id)
         self._model = None
@@ -166,7 +167,8 @@ class TextEncoder:
         ref = self._resolve()
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(ref)
-            model = AutoModel.from_pretrained(ref, dtype=self.dtype)
+            kw = {} if self.dtype == torch.float32 else {"dtype": self.dtype}  # `dtype=` needs transformers>=4.56
+            model = AutoModel.from_pretrained(ref, **kw)
         except OSError as e:
             raise OSError(
                 f"TextEncoder: could not load '{self.model_name}' offline ({e}). Give a local folder, an id already "
