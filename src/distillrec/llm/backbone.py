@@ -101,7 +101,10 @@ def convert_smollm2(cache_dir: str | Path | None = None, *, force: bool = False)
     """Dequantise the bundled GGUF once into a safetensors folder (fp32) and return that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root() / "smollm2-135m-instruct-q4_1"
+    if cache_dir is None:
+        cache = default_cache_root() / "smollm2-135m-instruct-q4_1"
+    else:
+        cache = Path(cache_dir).expanduser()
     if (cache / "model.safetensors").exists() and (cache / "distillrec_cache.json").exists() and not force:
         return cache
     gguf = smollm2_gguf_path()
