@@ -105,6 +105,26 @@ def recommend(
         console.print(f"{item}\t{score:.4f}", highlight=False)
 
 
+@app.command()
+def embed(
+    config: Path = typer.Argument(..., help="Embedding configuration (YAML), e.g. configs/embed/demo-smollm2.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set batch_size=8 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the config's output, else "
+                                                           "runs/embed/<config name>)."),
+):
+    """Embed every item once with the multimodal LM (resumable shards; under torchrun, items are split across ranks)."""
+    from .llm.embedding import embed_items, load_embed_config
+
+    try:
+        cfg = load_embed_config(config, set_)
+        out = out or (Path(cfg.output) if cfg.output else Path("runs") / "embed" / config.stem)
+        result = embed_items(cfg, out)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+    if result["rank"] == 0:
+        console.print_json(json.dumps(result, indent=1))
+
+
 @app.command("models")
 def list_models():
     """List the registered recommenders."""

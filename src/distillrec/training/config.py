@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     if isinstance(source, dict):
-        raw, name = dict(source), "config"
+        raw, name = copy.deepcopy(source), "config"  # overrides must not change the caller's dict
     else:
         path = Path(source)
         if not path.is_file():
