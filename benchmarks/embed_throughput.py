@@ -28,7 +28,7 @@ Peak memory: the process's peak resident set size (``VmHWM``, reset before each 
 
 Usage::
 
-    python benchmarks/embed_throughput.py                       # full run: writes benchmarks/results/embed_throughput.md
+    python benchmarks/embed_throughput.py                  # full run: writes benchmarks/results/embed_throughput.md
     python benchmarks/embed_throughput.py --batch-sizes 1,4 --dtypes fp32 --modes text --n-items 8 --no-write
 """
 

@@ -125,6 +125,22 @@ def embed(
         console.print_json(json.dumps(result, indent=1))
 
 
+@app.command()
+def align(
+    config: Path = typer.Argument(..., help="Alignment config (YAML), e.g. configs/align/scientific-mm.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set epochs=2 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's out)."),
+    restart: bool = typer.Option(False, "--restart", help="Ignore existing checkpoints and start again."),
+):
+    """Connector alignment pretraining (image features -> item text), with before/after caption loss and keyword recall."""
+    from .llm.alignment import main as run_alignment
+
+    try:
+        run_alignment(config, set_, out=out, restart=restart)
+    except (DataError, ConfigError) as e:
+        _fail(str(e))
+
+
 @app.command("models")
 def list_models():
     """List the registered recommenders."""

@@ -32,10 +32,11 @@ Evaluation (on the held-out items, BEFORE training with the freshly initialised 
   Recall = hits / number of held-out items that have at least one category word.
 * Category words of an item: the words of its ``keyword_fields`` (demo shop: ``category``, ``colour``, ``brand``;
   amazon2018-scientific-mm: ``categories``, the category path), lower-cased, split into ``[a-z0-9]+`` runs, a
-  trailing plural ``s`` removed from words longer than 3 letters (not ``ss``), English stop words and pure numbers
-  removed, and words that are in more than ``max_keyword_df`` (default 0.5) of all items' word sets removed (on
-  scientific-mm every path starts with "Industrial & Scientific", which would make every generation a hit). The
-  generated text is normalised the same way.
+  trailing plural ``s`` removed from words longer than 3 letters (not ``ss``), English stop words (and the generic
+  "product", "item") and pure numbers removed, and words that are in more than ``max_keyword_df`` (default 0.5) of
+  all items' word sets removed (on scientific-mm every path starts with "Industrial & Scientific", which would make
+  every generation a hit; its recipe also strips that root from the text with ``strip_prefixes``). The generated text
+  is normalised the same way.
 * ``chance`` (the chance level, one definition used everywhere): the same recall when each item's generation is
   scored against *another* held-out item's category words, averaged exactly over all other items:
   ``chance = mean_i mean_{j != i} 1[words(gen_i) & kw_j != {}]`` over the held-out items with category words. It is
@@ -49,7 +50,8 @@ Checkpoints and resume
 After each epoch the trainable state is written to ``<out>/checkpoints/epoch-NNN``: ``MultimodalLM.save_trainable``
 output + ``optimizer.safetensors`` + ``state.json`` (epoch, step, losses, torch RNG state), all into a temporary
 folder renamed into place, so a kill leaves complete checkpoints only. A new call with the same config and ``out``
-resumes from the newest complete checkpoint (``epochs`` may be raised to train longer) and, seeded, ends with the
+resumes from the newest complete checkpoint (``epochs`` may be raised to train longer: the learning-rate schedule
+is then that of the new length from the resumed step on) and, seeded, ends with the
 same connector weights as an uninterrupted run (the batch order of epoch ``e`` depends only on ``(seed, e)``; the
 learning rate only on the global step). The BEFORE numbers are computed once and kept in ``<out>/before.json``.
 
@@ -83,7 +85,7 @@ _RESERVED_CONNECTOR_KEYS = {"d_image", "adapters", "base", "dtype"}
 STOP_WORDS = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the this to with without your you "
     "our we not no new set pack pcs piece pieces other others more most all any each per into over under via "
-    "de et".split()
+    "de et product item".split()
 )
 
 
@@ -113,6 +115,7 @@ class AlignmentConfig(BaseModel):
     missing_images: Literal["skip", "token"] = "skip"  # drop items without image, or give them the missing token
     prompt: str = f"{IMAGE_TOKEN} Describe this product."
     target_template: str = "{title}"  # str.format over the item's text fields (+ parsed title/categories/brand)
+    strip_prefixes: list[str] = Field(default_factory=list)  # removed from the start of every text field value
     keyword_fields: list[str] = Field(default_factory=lambda: ["category"])
     max_keyword_df: float = Field(0.5, gt=0, le=1)
     max_answer_tokens: int = Field(32, ge=1)
@@ -171,12 +174,18 @@ def words(text: str) -> set[str]:
     return out - STOP_WORDS
 
 
-def item_fields(ds: Dataset, item: int) -> dict[str, str]:
-    """All text fields of internal item ``item`` (+ ``title``/``categories``/``brand`` parsed from ``text``)."""
+def item_fields(ds: Dataset, item: int, strip_prefixes: Sequence[str] = ()) -> dict[str, str]:
+    """All text fields of internal item ``item`` (+ ``title``/``categories``/``brand`` parsed from ``text``), each
+    value without the first of ``strip_prefixes`` it starts with (e.g. the category root every item shares)."""
     f = {name: (vals[item - 1] or "") for name, vals in ds.items.text.items()}
     if "text" in f:
         for k, v in split_item_text(f["text"]).items():
             f.setdefault(k, v)
+    for k, v in f.items():
+        for p in strip_prefixes:
+            if p and v.startswith(p):
+                f[k] = v[len(p):].lstrip(" .,;:>|/-")
+                break
     return f
 
 
@@ -299,7 +308,7 @@ class _AlignData:
         self.missing = {int(i): bool(missing[feat_of[int(i)]]) for i in self.train_items + self.heldout_items}
         self.d_image = int(feats.shape[1])
 
-        all_fields = [item_fields(ds, i) for i in range(1, n + 1)]
+        all_fields = [item_fields(ds, i, cfg.strip_prefixes) for i in range(1, n + 1)]
         for k in cfg.keyword_fields:
             if k not in all_fields[0]:
                 raise ValueError(f"keyword field {k!r} is not an item text field; have {sorted(all_fields[0])}")
