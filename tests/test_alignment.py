@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from distillrec.data.synthetic import make_demo_shop  # noqa: E402
-from distillrec.llm.alignment import (  # noqa: E402
+from distillrec.training.align import (  # noqa: E402
     AlignmentConfig,
     keyword_scores,
     keyword_sets,

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from distillrec.llm import MultimodalLM  # noqa: E402
-from distillrec.llm.embedding import (  # noqa: E402
+from distillrec.training.embed import (  # noqa: E402
     EMBEDDINGS_FILE,
     build_model,
     effective_multimodal_config,

@@ -44,7 +44,7 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
             {
                 "model": {"name": model, "params": params},
                 "dataset": dataset_cfg,
-                "train": {"patience": 3, "batch_size": 256, "seeds": seeds or [2024], **train},
+                "train": {"patience": 3, "batch_size": 256, "seeds": seeds or [1, 2, 3], **train},
             }
         )
         metrics = run(cfg, out / name, dataset=dataset)

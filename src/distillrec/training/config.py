@@ -82,7 +82,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+def read_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | None, model: type[BaseModel], keys: str
+) -> tuple[Any, str]:
+    """Read a YAML file (or a dict), apply ``--set`` overrides and validate it with ``model``.
+
+    Returns (validated config, source name); every problem is a ConfigError that names the key and the fix."""
     if isinstance(source, dict):
         raw, name = copy.deepcopy(source), "config"  # overrides must not change the caller's dict
     else:
@@ -95,12 +100,16 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         name = str(path)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: the top level must be a mapping with keys model, dataset, train, eval")
+        raise ConfigError(f"{name}: the top level must be a mapping with keys {keys}")
     raw = apply_overrides(raw, overrides or [])
     try:
-        cfg = RunConfig(**raw)
+        return model(**raw), name
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, name)) from None
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    cfg, name = read_config(source, overrides, RunConfig, "model, dataset, train, eval")
     # the model's own hyperparameters are validated by its Config class
     from ..models import get_model_class
 

@@ -39,7 +39,6 @@ no image input, every item gets the learned "missing image" token), ``text_field
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -52,12 +51,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data.loaders import DatasetConfig, load_dataset
-from ..training.config import ConfigError, _format_validation_error, apply_overrides
-from .backbone import resolve_dtype
-from .multimodal import BASE, MultimodalLM, MultimodalLMConfig
+from .config import ConfigError, read_config
+from ..llm.backbone import resolve_dtype
+from ..llm.multimodal import BASE, MultimodalLM, MultimodalLMConfig
 
 FORMAT = 1
 TINY = "tiny"
@@ -107,24 +106,7 @@ class EmbedConfig(BaseModel):
 
 def load_embed_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> EmbedConfig:
     """Read and validate an embed config (YAML file or dict) with ``--set key=value`` overrides."""
-    if isinstance(source, dict):
-        raw, name = copy.deepcopy(source), "config"  # overrides must not change the caller's dict
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        name = str(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: the top level must be a mapping with keys dataset, lm, multimodal, adapter, ...")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        cfg = EmbedConfig(**raw)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, name)) from None
+    cfg, name = read_config(source, overrides, EmbedConfig, "dataset, lm, multimodal, adapter, ...")
     if cfg.pretrained is not None and cfg.multimodal.model_fields_set:
         raise ConfigError(f"{name}: give either 'pretrained' (a saved MultimodalLM folder, whose config is used) or "
                           "'multimodal' fields, not both")
@@ -195,7 +177,7 @@ def effective_multimodal_config(cfg: EmbedConfig, d_image: int | None) -> Multim
 
 def build_model(cfg: EmbedConfig, mm_cfg: MultimodalLMConfig) -> MultimodalLM:
     """The LM named by ``cfg.lm`` wrapped in a MultimodalLM (``pretrained`` parts loaded), in eval mode."""
-    from .backbone import load_causal_lm, tiny_llama
+    from ..llm.backbone import load_causal_lm, tiny_llama
 
     dev = _device(cfg.lm)
     try:
@@ -301,7 +283,7 @@ def embed_items(cfg: EmbedConfig, out_dir: str | Path) -> dict[str, Any]:
     (``path``, ``n_items``, ``dims``, shard counts, ``seconds``, ``rank``, ``world_size``)."""
     from tqdm.auto import tqdm
 
-    from ..training.distributed import barrier, init_distributed
+    from .distributed import barrier, init_distributed
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

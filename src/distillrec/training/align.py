@@ -77,7 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data.dataset import Dataset
 from ..data.loaders import DatasetConfig, load_dataset
-from .multimodal import IMAGE_TOKEN, MultimodalLM, MultimodalLMConfig
+from ..llm.multimodal import IMAGE_TOKEN, MultimodalLM, MultimodalLMConfig
 
 REPORT_FORMAT = 1
 _CKPT_RE = re.compile(r"^epoch-(\d{3,})$")
@@ -357,7 +357,7 @@ class _AlignData:
 # ------------------------------------------------------------------------------------------------------- the model
 def build_model(cfg: AlignmentConfig, d_image: int) -> MultimodalLM:
     """A MultimodalLM without LoRA on the frozen LM named by ``cfg.lm`` (``"tiny"``: a random 2-layer Llama)."""
-    from .backbone import load_causal_lm, resolve_dtype, tiny_llama
+    from ..llm.backbone import load_causal_lm, resolve_dtype, tiny_llama
 
     dev = _resolve_device(cfg.device)
     mcfg = MultimodalLMConfig(**{**cfg.connector, "d_image": d_image, "adapters": [], "base": cfg.lm,
@@ -427,7 +427,7 @@ def _save_checkpoint(mm: MultimodalLM, opt: torch.optim.Optimizer, ckdir: Path, 
                      state: dict[str, Any], keep: int) -> Path:
     from safetensors.torch import save_file
 
-    from ..training.checkpoint import _flatten_optimizer
+    from .checkpoint import _flatten_optimizer
 
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"epoch-{epoch:03d}"
@@ -671,16 +671,10 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def load_alignment_config(path: str | Path, overrides: Sequence[str] = ()) -> AlignmentConfig:
-    """Read a YAML recipe and apply ``key.sub=value`` overrides (values parsed as YAML)."""
-    import yaml
+    """Read a YAML recipe and apply ``key.sub=value`` overrides; errors name the key (ConfigError)."""
+    from .config import read_config
 
-    from ..training.config import apply_overrides
-
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
-    raw = apply_overrides(raw, list(overrides))
-    return AlignmentConfig(**raw)
+    return read_config(path, list(overrides), AlignmentConfig, "dataset, lm, connector, epochs, ...")[0]
 
 
 def main(config_path: str | Path, overrides: Sequence[str] = (), *, out: str | Path | None = None,
@@ -701,7 +695,7 @@ def main(config_path: str | Path, overrides: Sequence[str] = (), *, out: str | P
     return report
 
 
-if __name__ == "__main__":  # python -m distillrec.llm.alignment CONFIG [k=v ...]
+if __name__ == "__main__":  # python -m distillrec.training.align CONFIG [k=v ...]
     import sys
 
     main(sys.argv[1], sys.argv[2:])
