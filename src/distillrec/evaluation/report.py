@@ -14,7 +14,7 @@ TABLE_METRICS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@
 
 
 def _fmt(mean: float, ci: float | None = None) -> str:
-    return f"{mean:.4f}" if not ci else f"{mean:.4f} ± {ci:.4f}"
+    return f"{mean:.4f}" if not ci or ci < 1e-9 else f"{mean:.4f} ± {ci:.4f}"
 
 
 def plot_curves(per_seed: list[dict[str, Any]], path: Path) -> Path | None:

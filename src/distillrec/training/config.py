@@ -34,7 +34,9 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = None
     patience: int = 5  # epochs without a better validation metric before stopping
     max_len: int = 50  # the most recent items a model sees
-    bucket_by_length: bool = True  # batches of similar lengths (shuffled): same data, far less padding work
+    # batches of similar lengths (less padding work, faster) change the optimisation: on Scientific SASRec they
+    # cost about 0.004 test NDCG@10 (README), so they are opt-in
+    bucket_by_length: bool = False
     seeds: list[int] = Field(default_factory=lambda: [2024])
     num_threads: int | None = None  # torch intra-op threads (None: torch's default)
     progress: bool = True
