@@ -534,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
-    json_path.write_text(json.dumps(result, indent=1))
+    # paths relative to the repository, so the committed results name no machine's folders
+    json_path.write_text(json.dumps(result, indent=1).replace(str(HERE.parent) + "/", ""))
     md = (f"# distillrec vs RecBole 1.2.1 (SASRec, GRU4Rec)\n\n{table}\n\nNotes:\n{notes}\n\n"
           f"Command: `{result['command']}` ({result['wall_s']:.0f} s, {result['date']})\n")
     md_path.write_text(md)
