@@ -26,7 +26,8 @@ def test_ranks_come_back_in_row_order():
         targets=np.array([4, 6, 1, 3]),
     )
     ranks = rank_examples(LastItemPlusOne(), ex, EvalProtocol(batch_size=2), max_len=10)
-    # row 0: last 3 -> 4 scored top, target 4 rank 0; row 1: target 5+... last 4 -> 5 top, target 6 after 5,1..5
+    # row 0: last item 3 puts item 4 on top, target 4 -> rank 0; row 1: item 5 on top, then 1..4, target 6 -> rank 5;
+    # row 2: item 6 on top, target 1 -> rank 1; row 3: item 2 on top, then 1, target 3 -> rank 2
     assert ranks.tolist() == [0, 5, 1, 2]
     sub = rank_examples(LastItemPlusOne(), ex, EvalProtocol(batch_size=3), max_len=10, rows=np.array([3, 0]))
     assert sub.tolist() == [2, 0]
