@@ -141,6 +141,25 @@ def align(
         _fail(str(e))
 
 
+@app.command()
+def tpad(
+    config: Path = typer.Argument(..., help="TPAD recipe (YAML), e.g. configs/tpad/demo.yaml."),
+    stage: list[str] = typer.Option([], "--stage", help="Run up to these stages only: knowledge, transfer, align, "
+                                                        "embed (repeatable; default: all). Earlier stages run first "
+                                                        "when not finished."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set align.gamma1=0 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's out)."),
+    restart: bool = typer.Option(False, "--restart", help="Delete the run folder and start again."),
+):
+    """TPAD: Knowledge-MLLM, Transfer-MLLM, transitional pattern alignment, then item embeddings (resumable)."""
+    from .training.tpad import STAGES, main as run_tpad_main
+
+    try:
+        run_tpad_main(config, set_, stages=stage or STAGES, out=out, restart=restart)
+    except (DataError, ConfigError) as e:
+        _fail(str(e))
+
+
 @app.command("models")
 def list_models():
     """List the registered recommenders."""

@@ -188,6 +188,28 @@ def load_causal_lm(
     return _finish_tokenizer(tok), model.eval()
 
 
+def truncate_layers(model: Any, num_layers: int | None) -> Any:
+    """Keep the first ``num_layers`` decoder layers of a causal LM (the final norm and the output layer stay).
+
+    A speed knob for CPUs: the hidden states of an early layer still carry the model's reading of the text, and
+    every cost (forward, backward, memory) falls in proportion. ``None`` or a number >= the model's depth: unchanged.
+    """
+    if num_layers is None:
+        return model
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"num_layers={num_layers}: {type(model).__name__} has no '.layers' list to truncate")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if num_layers < len(layers):
+        base.layers = layers[:num_layers]
+        model.config.num_hidden_layers = num_layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:num_layers]
+    return model
+
+
 TINY_CORPUS = [
     "wireless noise cancelling headphones with long battery life",
     "bluetooth over ear headphones for music and travel",

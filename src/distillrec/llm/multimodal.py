@@ -54,6 +54,7 @@ class MultimodalLMConfig(BaseModel):
 
     base: str = "smollm2-135m-instruct"  # used by from_pretrained() when no model is passed
     dtype: str = "float32"
+    num_layers: int | None = Field(None, ge=1)  # keep the first N decoder layers (CPU speed); None: all
     d_image: int = 1280  # width of the image feature tokens
     connector: Literal["qformer", "mlp"] = "qformer"
     n_query: int = Field(8, ge=1)
@@ -192,6 +193,10 @@ class MultimodalLM(nn.Module):
         self.tokenizer = tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if cfg.num_layers is not None:
+            from .backbone import truncate_layers
+
+            truncate_layers(model, cfg.num_layers)
         model.requires_grad_(False)
         emb_layer = model.get_input_embeddings()
         d = emb_layer.embedding_dim
@@ -464,13 +469,19 @@ class MultimodalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------ embedding
     def embed(self, texts: Sequence[str], image_features: Any = None, adapter: str | None = None,
-              image_mask: Any = None, instruction: str | None = None) -> dict[str, torch.Tensor]:
+              image_mask: Any = None, instruction: str | None = None,
+              answers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Item embeddings ``{"image": [N, d], "text": [N, d]}`` (float32): the final hidden states at ``<IMG_SUM>``
-        and ``<TEXT_SUM>``. Gradients flow when enabled (wrap in ``torch.no_grad()`` for inference)."""
+        and ``<TEXT_SUM>``. Gradients flow when enabled (wrap in ``torch.no_grad()`` for inference).
+
+        With ``answers`` the same forward pass also gives ``"lm_loss"``: the answer-only LM loss (token mean) of the
+        answers written after the item prompt. Attention is causal, so the summary states do not see the answer and
+        equal those of a pass without it; the output layer runs on the answer positions only (a vocabulary-sized
+        matrix product per prompt token would cost more than the LM layers of a truncated model)."""
         contents = [self.item_prompt(t, instruction) for t in texts]
         if image_features is None:
             image_features = [None] * len(contents)
-        b = self.encode(contents, image_features, image_mask)
+        b = self.encode(contents, image_features, image_mask, answers=answers)
         ids = b["input_ids"]
         pos = []
         for tid in self.special_ids:
@@ -484,7 +495,13 @@ class MultimodalLM(nn.Module):
             h = self._decoder()(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"],
                                 position_ids=b["position_ids"], use_cache=False).last_hidden_state
         rows = torch.arange(ids.shape[0], device=ids.device)
-        return {"image": h[rows, pos[0]].float(), "text": h[rows, pos[1]].float()}
+        out = {"image": h[rows, pos[0]].float(), "text": h[rows, pos[1]].float()}
+        if answers is not None:
+            target = b["labels"][:, 1:]
+            keep = target != -100
+            logits = self.lm.get_output_embeddings()(h[:, :-1][keep])
+            out["lm_loss"] = F.cross_entropy(logits.float(), target[keep]) if keep.any() else h.sum() * 0.0
+        return out
 
     # ------------------------------------------------------------------------------------------------------- LM loss
     def lm_loss(self, prompts: Sequence[str], answers: Sequence[str], image_features: Any = None,

@@ -32,7 +32,7 @@ Config keys (YAML; unknown keys are errors that name them): ``dataset`` (as in r
 and ``multimodal`` must be left out), ``adapter`` (``knowledge`` by default; ``base`` = LoRA disabled),
 ``image_features`` (the name of an item feature matrix of the dataset, e.g. ``image_clip``; all-zero rows count as
 "no image"; ``image_effnet_lite0`` is computed with the bundled encoder when the dataset has image paths; ``null`` =
-no image input, every item gets the learned "missing image" token), ``text_fields`` (null = all, joined by ". "),
+no image input, every item gets the learned "missing image" token), ``text_fields`` (null = all, joined by ". "; [] = no text),
 ``batch_size``, ``shard_size``, ``output`` (default folder; ``--out`` wins), ``keep_shards``, ``num_threads``,
 ``progress``.
 """
@@ -60,8 +60,7 @@ from ..llm.multimodal import BASE, MultimodalLM, MultimodalLMConfig
 
 FORMAT = 1
 TINY = "tiny"
-EMBEDDINGS_FILE = "item_embeddings.safetensors"
-IDS_FILE = "item_ids.json"
+from ..data.embeddings import EMBEDDINGS_FILE, IDS_FILE  # noqa: E402  (one definition of the folder layout)
 META_KEY = "distillrec"
 
 
@@ -205,8 +204,9 @@ def build_model(cfg: EmbedConfig, mm_cfg: MultimodalLMConfig) -> MultimodalLM:
     return mm.eval()
 
 
-def _image_matrix(cfg: EmbedConfig, items: Any) -> np.ndarray | None:
-    name = cfg.image_features
+def item_image_matrix(name: str | None, items: Any, progress: bool = True) -> np.ndarray | None:
+    """The item feature matrix ``name`` (float32 [n_items + 1, d]); the bundled image encoder's feature is computed
+    (and cached) when the dataset has image paths. ``None`` -> ``None`` (no image input)."""
     if name is None:
         return None
     if name not in items.features:
@@ -216,7 +216,7 @@ def _image_matrix(cfg: EmbedConfig, items: Any) -> np.ndarray | None:
         if name == default and items.image_paths:
             from ..features.cache import encode_item_table
 
-            encode_item_table(items, text=False, image=True, show_progress=cfg.progress)
+            encode_item_table(items, text=False, image=True, show_progress=progress)
         else:
             have = ", ".join(sorted(items.features)) or "none"
             hint = f"; '{default}' is computed when the dataset has image paths" if not items.image_paths else ""
@@ -300,8 +300,9 @@ def embed_items(cfg: EmbedConfig, out_dir: str | Path) -> dict[str, Any]:
         unknown = [f for f in cfg.text_fields if f not in items.text]
         if unknown:
             raise ConfigError(f"text_fields: unknown field(s) {unknown}; the dataset has {list(items.text)}")
-    texts = [items.item_text(i, cfg.text_fields) for i in range(1, n + 1)]
-    image = _image_matrix(cfg, items)
+    # text_fields [] = no text at all (the "without text" ablation); None = every field
+    texts = [items.item_text(i, cfg.text_fields) if cfg.text_fields != [] else "" for i in range(1, n + 1)]
+    image = item_image_matrix(cfg.image_features, items, cfg.progress)
     has_image = None if image is None else np.asarray(image[1:].any(-1))
     mm_cfg = effective_multimodal_config(cfg, None if image is None else int(image.shape[1]))
     config_hash = _config_hash(cfg, mm_cfg, items.ids, texts, image)

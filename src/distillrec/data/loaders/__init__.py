@@ -44,6 +44,9 @@ class DatasetConfig(BaseModel):
     format: str | None = None
     path: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    # precomputed item embeddings to attach as features: prefix -> folder written by `distillrec embed`
+    # (features "<prefix>_image", "<prefix>_text"; rows matched by external item id)
+    embeddings: dict[str, str] = Field(default_factory=dict)
 
 
 def data_root() -> Path | None:
@@ -92,6 +95,11 @@ def load_dataset(cfg: DatasetConfig | dict) -> Dataset:
     fmt, path, options = resolve(cfg)
     ds = _LOADERS[fmt](path, **options) if path is not None else _LOADERS[fmt](**options)
     ds.name = cfg.name
+    if cfg.embeddings:
+        from ..embeddings import attach_item_embeddings
+
+        for prefix, folder in cfg.embeddings.items():
+            attach_item_embeddings(ds, prefix, folder)
     return ds
 
 

@@ -1,0 +1,142 @@
+"""TPAD's trainable heads and losses on top of a :class:`~distillrec.llm.multimodal.MultimodalLM`.
+
+Notation (DESIGN.md, "TPAD as this project defines it"): for an item, the Knowledge tower gives ``h = [h_img; h_txt]``
+(the final hidden states at ``<IMG_SUM>`` and ``<TEXT_SUM>``), the Transfer tower ``t = [t_img; t_txt]``.
+
+* :class:`ViewContrast` -- L^v and L^t of stage 1: InfoNCE between a summary state and another view of the same item
+  (the frozen encoder's feature of that modality), in-batch items as negatives.
+* :func:`meta_pairs` and :class:`TransitionContrast` -- stage 2a: multi-order meta pairs (item at t, item at t + k,
+  k = 1..K) from the training sequences, and InfoNCE between the Transfer tower's states of the two items of a pair.
+* :class:`TransitionalPatternAlignment` -- stage 2b: projectors D_H, D_L (of h) and D_T (of t), a CLUB upper bound
+  between D_H(h) and D_T(t) (minimised: the knowledge part carries no transition information) and a MINE lower bound
+  between D_L(h) and D_T(t) (maximised: the distilled part does). The estimators' own networks learn on detached
+  projector outputs (``estimator_loss``); the encoder side gets ``forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mutual_information import CLUB, MINE, CLUBSample
+
+
+def _head(d_in: int, d_out: int) -> nn.Sequential:
+    # LayerNorm first: LM hidden states have a few very large coordinates; normalised output so that a loss cannot
+    # be lowered by shrinking or inflating a projection
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, temperature: float,
+                     same: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE loss (cross-entropy) between rows of ``a`` and ``b`` [N, d] (cosine / temperature); row i of
+    ``a`` and of ``b`` are a positive pair, other rows negatives. ``same`` [N, N] bool marks off-diagonal pairs that
+    are positives too (the same item twice in a batch) and are left out of the negatives."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.t() / temperature
+    if same is not None:
+        off = same & ~torch.eye(len(a), dtype=torch.bool, device=a.device)
+        logits = logits.masked_fill(off, float("-inf"))
+    labels = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+class ViewContrast(nn.Module):
+    """L^m for one modality m: InfoNCE between the item's summary state (``d_state``) and its frozen view feature
+    (``d_view``), each through a small head into ``d_out``; rows with ``valid=False`` (no image, no text) are left
+    out, and fewer than two valid rows give 0."""
+
+    def __init__(self, d_state: int, d_view: int, d_out: int = 128, temperature: float = 0.1):
+        super().__init__()
+        self.state_head = _head(d_state, d_out)
+        self.view_head = _head(d_view, d_out)
+        self.temperature = temperature
+
+    def forward(self, state: torch.Tensor, view: torch.Tensor, valid: torch.Tensor | None = None,
+                items: torch.Tensor | None = None) -> torch.Tensor:
+        if valid is not None:
+            state, view = state[valid], view[valid]
+            items = None if items is None else items[valid]
+        if len(state) < 2:
+            return state.sum() * 0.0
+        same = None if items is None else items.unsqueeze(0) == items.unsqueeze(1)
+        return contrastive_loss(self.state_head(state), self.view_head(view.to(state.dtype)), self.temperature, same)
+
+
+def meta_pairs(sequences: Sequence[np.ndarray], max_order: int, *, max_len: int | None = None,
+               context_items: int = 0) -> tuple[np.ndarray, list[list[int]] | None]:
+    """Every multi-order meta pair ``(anchor, positive, k)`` of the training sequences: the item at position t and
+    the item at t + k for k = 1..``max_order`` (pairs of an item with itself are skipped). ``max_len``: only the last
+    ``max_len`` items of each sequence. Returns int64 [P, 3] and, with ``context_items``, each anchor's up to
+    ``context_items`` preceding items of its sequence (its session context), else None."""
+    pairs: list[tuple[int, int, int]] = []
+    contexts: list[list[int]] = []
+    for seq in sequences:
+        s = np.asarray(seq, dtype=np.int64)
+        if max_len is not None:
+            s = s[-max_len:]
+        for k in range(1, max_order + 1):
+            for j in range(len(s) - k):
+                if s[j] != s[j + k]:
+                    pairs.append((int(s[j]), int(s[j + k]), k))
+                    if context_items:
+                        contexts.append([int(x) for x in s[max(0, j - context_items):j]])
+    return np.array(pairs, dtype=np.int64).reshape(-1, 3), (contexts if context_items else None)
+
+
+class TransitionContrast(nn.Module):
+    """Stage 2a: a shared head maps the Transfer tower's ``[t_img; t_txt]`` of both items of a meta pair into
+    ``d_out``; InfoNCE over the batch, with other pairs whose positive is the same item removed from the negatives."""
+
+    def __init__(self, d_state: int, d_out: int = 128, temperature: float = 0.1):
+        super().__init__()
+        self.head = _head(d_state, d_out)
+        self.temperature = temperature
+
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, positive_items: torch.Tensor) -> torch.Tensor:
+        same = positive_items.unsqueeze(0) == positive_items.unsqueeze(1)
+        return contrastive_loss(self.head(anchor), self.head(positive), self.temperature, same)
+
+
+def _projector(d_in: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out),
+                         nn.LayerNorm(d_out, elementwise_affine=False))
+
+
+class TransitionalPatternAlignment(nn.Module):
+    """D_H, D_L, D_T and the two estimators (see the module docstring). ``club``: ``"full"`` (vCLUB over all
+    pairs of the batch) or ``"sampled"`` (one permutation). ``mine_ma_rate``: MINE's moving-average gradient
+    correction for the estimator's own updates (None: the plain Donsker-Varadhan gradient)."""
+
+    def __init__(self, d_knowledge: int, d_transfer: int, d_proj: int = 64, estimator_hidden: int = 64,
+                 club: Literal["full", "sampled"] = "sampled", mine_ma_rate: float | None = 0.01):
+        super().__init__()
+        self.D_H = _projector(d_knowledge, d_proj)
+        self.D_L = _projector(d_knowledge, d_proj)
+        self.D_T = _projector(d_transfer, d_proj)
+        self.club = (CLUBSample if club == "sampled" else CLUB)(d_proj, d_proj, estimator_hidden)
+        self.mine = MINE(d_proj, d_proj, estimator_hidden, ma_rate=mine_ma_rate)
+
+    def projector_parameters(self) -> list[nn.Parameter]:
+        return [*self.D_H.parameters(), *self.D_L.parameters(), *self.D_T.parameters()]
+
+    def estimator_parameters(self) -> list[nn.Parameter]:
+        return [*self.club.parameters(), *self.mine.parameters()]
+
+    def project(self, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.D_H(h), self.D_L(h), self.D_T(t)
+
+    def estimator_loss(self, hh: torch.Tensor, hl: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        """What CLUB's q network and MINE's statistics network minimise, on detached projector outputs."""
+        hh, hl, tt = hh.detach(), hl.detach(), tt.detach()
+        return self.club.learning_loss(hh, tt) + self.mine.learning_loss(hl, tt)
+
+    def forward(self, hh: torch.Tensor, hl: torch.Tensor, tt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"club": upper bound I(D_H(h); D_T(t)), "mine": lower bound I(D_L(h); D_T(t))}`` with gradients to the
+        projector outputs (and through them to the Knowledge tower)."""
+        return {"club": self.club(hh, tt), "mine": self.mine(hl, tt)}
