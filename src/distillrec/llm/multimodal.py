@@ -582,7 +582,7 @@ class MultimodalLM(nn.Module):
             from peft import get_peft_model_state_dict
 
             for name in self.config.adapters:
-                sd = get_peft_model_state_dict(self.peft, adapter_name=name)
+                sd = get_peft_model_state_dict(self.peft, adapter_name=name, save_embedding_layers=False)
                 save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()},
                           str(path / f"lora_{name}.safetensors"))
         meta = {

@@ -58,6 +58,7 @@ from .embed import LMSpec, item_image_matrix
 
 STAGES = ("knowledge", "transfer", "align", "embed")
 KNOWLEDGE, TRANSFER = "knowledge", "transfer"
+CURVE_EVERY = 10  # steps per point of the training curves in the report
 
 
 class StageConfig(BaseModel):
@@ -293,7 +294,7 @@ class Stage:
             raise ConfigError(f"{self.name}: {n_units} training units are fewer than batch_size {bs}")
         total = n_batches * s.epochs
         ck = self.dir / "checkpoint"
-        state: dict[str, Any] = {"step": 0, "history": [], "running": {}}
+        state: dict[str, Any] = {"step": 0, "history": [], "running": {}, "curve": []}
         if (ck / "stage.json").is_file():
             state = self.load(ck, mm, heads, opts)
             log(f"{self.name}: resumed at step {state['step']}/{total}")
@@ -322,6 +323,9 @@ class Stage:
             run = state["running"]
             for k, v in losses.items():
                 run.setdefault(k, []).append(v)
+            if state["step"] % CURVE_EVERY == 0:  # the training curve: means of the last CURVE_EVERY steps
+                state["curve"].append({"step": state["step"],
+                                       **{k: float(np.mean(v[-CURVE_EVERY:])) for k, v in run.items()}})
             bar.update()
             bar.set_postfix({k: f"{np.mean(v[-20:]):.3f}" for k, v in list(run.items())[:3]})
             end_of_epoch = state["step"] % n_batches == 0
@@ -652,7 +656,8 @@ def run_tpad(cfg: TPADConfig, stages: Sequence[str] = STAGES, *, restart: bool =
 
 
 def _summary(state: dict[str, Any]) -> dict[str, Any]:
-    return {"steps": state.get("step"), "history": state.get("history", []), "seconds": state.get("seconds")}
+    return {"steps": state.get("step"), "history": state.get("history", []), "curve": state.get("curve", []),
+            "seconds": state.get("seconds")}
 
 
 def embed_with_knowledge_tower(cfg: TPADConfig, out: Path) -> dict[str, Any]:
