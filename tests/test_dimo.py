@@ -255,7 +255,7 @@ def test_loss_decreases_and_learns_the_cycle():
 def test_features_frozen_and_never_reinitialised():
     ds = cycle_dataset()
     original = np.concatenate([ds.items.features["text"], ds.items.features["image"]], axis=1).copy()
-    model = fitted(ds, features=["text", "image"], adapter="mlp")
+    model = fitted(ds, features=["text", "image"], adapter="mlp", feature_norm="none")
     feats = model.item_features
     assert torch.equal(feats, torch.from_numpy(original))  # exactly the dataset rows after construction
     assert not feats.requires_grad and all(p is not feats for p in model.parameters())
@@ -271,6 +271,12 @@ def test_features_frozen_and_never_reinitialised():
     assert torch.equal(model.item_features, torch.from_numpy(original))
     np.testing.assert_array_equal(np.concatenate([ds.items.features["text"], ds.items.features["image"]], 1), original)
     assert any(not torch.equal(a, b) for a, b in zip(adapter_before, model.adapter.parameters()))  # adapter trains
+    # standardised features: column-wise z-scores of the same rows (padding row 0), still frozen
+    std = fitted(ds, features=["text", "image"], adapter="mlp")
+    body = original[1:]
+    expect = (body - body.mean(0)) / np.where(body.std(0) > 1e-8, body.std(0), np.inf)
+    np.testing.assert_allclose(std.item_features[1:].numpy(), expect, atol=1e-5)
+    assert torch.all(std.item_features[0] == 0)
     # the modality table's padding row stays zero despite adapter biases
     model.eval()
     with torch.no_grad():

@@ -1,20 +1,55 @@
-"""The main job on the embedded demo shop: every baseline under one protocol, one combined report.
+"""The main job on the embedded demo shop: TPAD (all stages, one-time item embeddings), DIMO on TPAD embeddings and
+on the raw encoder features, fused SASRec on TPAD embeddings, and every classic baseline, under one protocol, in
+one combined report (results table with paired tests, TPAD training curves, a 2-D PCA of DIMO's ID and modality
+item tables).
 
-Later issues add TPAD (and its downstream DIMO) to the list; the command and its outputs stay the same.
+The TPAD recipe is ``QUICKSTART_TPAD`` (identical to ``configs/tpad/demo.yaml``, a test checks it); the downstream
+runs are ``QUICKSTART_RUNS``. Every part resumes: TPAD stages from their checkpoints, finished runs are reused.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
+from .data.embeddings import attach_item_embeddings
 from .data.loaders import load_dataset
 from .evaluation.report import compare_runs
 from .training.config import load_config
+from .training.tpad import TPADConfig, run_tpad
 from .training.trainer import run
+
+DEMO = {"name": "demo"}
+
+# == configs/tpad/demo.yaml (without `out`)
+QUICKSTART_TPAD: dict[str, Any] = {
+    "dataset": {"name": "demo"},
+    "lm": {"name": "smollm2-135m-instruct", "dtype": "float32", "seed": 0},
+    "multimodal": {"num_layers": 8, "connector": "mlp", "use_chat_template": False, "max_text_tokens": 32,
+                   "lora_r": 8},
+    "image_features": "image_effnet_lite0",
+    "text_fields": ["title", "category"],
+    "text_view": "text_minilm",
+    "keywords": {"source": "metadata", "fields": ["category", "brand", "colour"], "category_field": "category",
+                 "title_terms": 1},
+    "knowledge": {"epochs": 1, "batch_size": 16, "lr": 0.003, "max_items": 1000, "gr_items": 48,
+                  "gr_max_new_tokens": 16},
+    "transfer": {"epochs": 1, "batch_size": 16, "lr": 0.002, "max_items": 640, "max_order": 3},
+    "align": {"epochs": 1, "batch_size": 16, "lr": 0.001, "max_items": 1000, "gamma1": 0.1, "gamma2": 0.1,
+              "q_steps": 3},
+    "embed_batch_size": 32,
+    "seed": 0,
+}
+
+TPAD_FEATURES = ["tpad_image", "tpad_text"]
+RAW_FEATURES = ["image_effnet_lite0", "text_minilm"]
+_DIMO = {"embedding_dim": 64}
+_DIMO_TRAIN = {"epochs": 6, "batch_size": 256, "lr": 0.003}
 
 # (run name, model, params, train overrides): small, fast settings for a 2-core laptop
 QUICKSTART_RUNS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
@@ -25,25 +60,47 @@ QUICKSTART_RUNS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("fused_sasrec", "fused_sasrec", {"features": ["attributes_onehot"], "hidden_dropout_prob": 0.2,
                                       "attn_dropout_prob": 0.2}, {"epochs": 15, "lr": 0.002}),
     ("srgnn", "srgnn", {}, {"epochs": 4, "batch_size": 128}),
+    ("fused_sasrec_tpad", "fused_sasrec", {"features": TPAD_FEATURES, "hidden_dropout_prob": 0.2,
+                                           "attn_dropout_prob": 0.2}, {"epochs": 15, "lr": 0.002}),
+    ("dimo_raw", "dimo", {**_DIMO, "features": RAW_FEATURES}, _DIMO_TRAIN),
+    ("dimo_tpad", "dimo", {**_DIMO, "features": TPAD_FEATURES}, _DIMO_TRAIN),
 ]
 
 
-def quickstart(out: Path, seeds: list[int] | None = None, console: Console | None = None) -> Path:
+def quickstart(out: Path, seeds: list[int] | None = None, console: Console | None = None, *,
+               dataset_cfg: dict[str, Any] | None = None, tpad_overrides: dict[str, Any] | None = None,
+               runs: list[tuple[str, str, dict[str, Any], dict[str, Any]]] | None = None) -> Path:
+    """Run the main job into ``out``. ``dataset_cfg``, ``tpad_overrides`` (merged into ``QUICKSTART_TPAD`` one
+    level deep) and ``runs`` exist for tests and experiments; the command uses the defaults."""
     console = console or Console()
+    demo = dataset_cfg or DEMO
+    runs = QUICKSTART_RUNS if runs is None else runs
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    elapsed = lambda: f"{time.perf_counter() - t0:.0f}s"  # noqa: E731
     console.print("[bold]distillrec quickstart[/bold]: generating the demo shop (no download) ...")
-    dataset_cfg = {"name": "demo"}
-    dataset = load_dataset(dataset_cfg)
+    dataset = load_dataset(demo)
     console.print(f"  {dataset.statistics()}")
+
+    console.print(f"[bold]TPAD[/bold] (elapsed {elapsed()}): knowledge -> transfer -> alignment -> embeddings")
+    recipe = {**QUICKSTART_TPAD, "dataset": demo, "out": str(out / "tpad")}
+    for k, v in (tpad_overrides or {}).items():
+        recipe[k] = {**recipe[k], **v} if isinstance(v, dict) and isinstance(recipe.get(k), dict) else v
+    tpad_cfg = TPADConfig(**recipe)
+    tpad_report = run_tpad(tpad_cfg, dataset=dataset, log=lambda s: console.print(f"    {s}", highlight=False))
+    emb_dir = out / "tpad" / "embeddings"
+    attach_item_embeddings(dataset, "tpad", emb_dir)  # the raw encoder features were attached by TPAD's data step
+    with_tpad = {**demo, "embeddings": {"tpad": str(emb_dir.resolve())}}
+
     run_dirs = []
-    for i, (name, model, params, train) in enumerate(QUICKSTART_RUNS, 1):
-        console.print(f"[{i}/{len(QUICKSTART_RUNS)}] {name} (elapsed {time.perf_counter() - t0:.0f}s)")
+    for i, (name, model, params, train) in enumerate(runs, 1):
+        console.print(f"[{i}/{len(runs)}] {name} (elapsed {elapsed()})")
+        features = params.get("features", [])
         cfg = load_config(
             {
                 "model": {"name": model, "params": params},
-                "dataset": dataset_cfg,
+                "dataset": with_tpad if set(features) & set(TPAD_FEATURES) else demo,
                 "train": {"patience": 3, "batch_size": 256, "seeds": seeds or [1, 2, 3], **train},
             }
         )
@@ -54,14 +111,93 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
         )
         run_dirs.append(out / name)
     table = compare_runs(run_dirs)
+    curves = plot_tpad_curves(tpad_report, out / "tpad_curves.png")
+    pca = plot_id_vs_modality(out / "dimo_tpad", dataset, out / "dimo_tpad_pca.png")
+    gr = "\n".join(f"| {stage} | {h['epoch']} | {_f(h.get('gr_both'))} | {_f(h.get('gr_image'))} | "
+                   f"{_f(h.get('gr_text'))} |"
+                   for stage in ("knowledge", "align") for h in tpad_report["stages"].get(stage, {}).get("history", []))
     report = (
         "# distillrec quickstart: the demo shop\n\n"
         f"Dataset: {dataset.statistics()}\n\n"
         "Full ranking over all items, pessimistic ties, history not masked, best-validation epoch tested. "
         "Paired tests are against the first row (Pop), per test user.\n\n" + table +
-        "\nEach run's own report (slices, curves, timing): `<run>/report.md`.\n"
+        "\n`*_tpad`: item features = TPAD embeddings (`<IMG_SUM>`/`<TEXT_SUM>` states of the final Knowledge tower); "
+        "`dimo_raw`: DIMO on the raw encoder features (EfficientNet-Lite0 image, MiniLM text); `fused_sasrec`: "
+        "SASRec with the shop's attribute one-hot.\n\n"
+        "## TPAD\n\nKeyword generation rate (GR) on held-out items, per prompt modality (knowledge epoch 0: before "
+        "training; align = stage 2b):\n\n| stage | epoch | GR both | GR image | GR text |\n|---|---|---|---|---|\n"
+        + gr + f"\n\nTPAD report: `tpad/report.md`; time (s): {json.dumps(tpad_report['seconds'])}.\n\n"
+        + (f"![TPAD training curves]({curves.name})\n\n" if curves else "")
+        + (f"![DIMO ID vs modality item tables, PCA]({pca.name})\n\n" if pca else "")
+        + "Each run's own report (slices, curves, timing): `<run>/report.md`.\n"
     )
     (out / "report.md").write_text(report)
     console.print(table)
-    console.print(f"report: {out / 'report.md'}  (total {time.perf_counter() - t0:.0f}s)")
+    console.print(f"report: {out / 'report.md'}  (total {elapsed()})")
     return out / "report.md"
+
+
+def _f(x: Any) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def plot_tpad_curves(report: dict[str, Any], path: Path) -> Path | None:
+    """One panel per TPAD stage: its losses every few steps."""
+    stages = [(s, report["stages"][s].get("curve", [])) for s in ("knowledge", "transfer", "align")
+              if s in report["stages"]]
+    stages = [(s, c) for s, c in stages if c]
+    if not stages:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.6 * len(stages), 3.0), squeeze=False)
+    for ax, (name, curve) in zip(axes[0], stages):
+        keys = [k for k in curve[0] if k not in ("step", "loss")]
+        for k in keys:
+            ax.plot([c["step"] for c in curve], [c.get(k) for c in curve], label=k)
+        ax.set_title(f"stage {name}")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_id_vs_modality(run_dir: Path, dataset: Any, path: Path) -> Path | None:
+    """PCA (one projection for both) of a trained DIMO's propagated ID and modality item tables, coloured by the
+    item's category: whether the two views carry different information is visible as different cluster shapes."""
+    import torch
+
+    from .serving.recommend import TrainedRecommender
+
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    rec = TrainedRecommender.from_run(run_dir)
+    with torch.no_grad():
+        id_t, mo_t = (t[1:].cpu().numpy() for t in rec.model.item_tables())
+    both = np.concatenate([id_t / np.linalg.norm(id_t, axis=1).mean(), mo_t / np.linalg.norm(mo_t, axis=1).mean()])
+    centred = both - both.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    n = len(id_t)
+    cats = dataset.items.text.get("category") or ["item"] * n
+    names = sorted(set(cats))
+    colour = np.array([names.index(c) for c in cats])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8), sharex=True, sharey=True)
+    for ax, part, title in ((axes[0], xy[:n], "ID view"), (axes[1], xy[n:], "modality view (TPAD)")):
+        ax.scatter(part[:, 0], part[:, 1], c=colour, cmap="tab20", s=4)
+        ax.set_title(title)
+    fig.suptitle("DIMO item tables, joint PCA, coloured by category", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -49,6 +50,19 @@ class Recommender(nn.Module):
 
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def standardize_columns(matrix: np.ndarray) -> np.ndarray:
+    """Frozen item features ``[n_items + 1, d]`` with every column at mean 0, std 1 over items 1..n (row 0, the
+    padding row, stays 0; constant columns become 0). LM hidden states (TPAD embeddings) carry a few huge, nearly
+    constant coordinates that would otherwise swamp an adapter's input: on the demo, TPAD image rows of different
+    items have cosine 0.99998 before this and differ only after it."""
+    m = np.asarray(matrix, dtype=np.float32)
+    body = m[1:].astype(np.float64)
+    std = body.std(0)
+    out = np.zeros_like(m)
+    out[1:] = ((body - body.mean(0)) / np.where(std > 1e-8, std, np.inf)).astype(np.float32)
+    return out
 
 
 _REGISTRY: dict[str, type[Recommender]] = {}

@@ -60,7 +60,7 @@ from pydantic import Field
 from torch import nn
 
 from ..data.dataset import Dataset
-from .base import ModelConfig, Recommender, register_model
+from .base import ModelConfig, Recommender, register_model, standardize_columns
 
 
 class DIMOConfig(ModelConfig):
@@ -80,6 +80,8 @@ class DIMOConfig(ModelConfig):
     cooccur_window: int | None = Field(3, ge=1)  # pairs at most this many positions apart; None = whole sequence
     co_items_per_batch: int = Field(512, ge=1)  # items drawn per batch for L_co
     features: list[str] = Field(default_factory=list)  # frozen item features forming the modality view
+    # "standardize": every feature column to mean 0 / std 1 over the items (models.base.standardize_columns)
+    feature_norm: Literal["standardize", "none"] = "standardize"
     adapter: Literal["linear", "mlp"] = "linear"
     adapter_layernorm: bool = True
     log_base: float = Field(10.0, gt=1.0)  # the released code uses log10 in all contrastive terms
@@ -271,7 +273,8 @@ class DIMO(Recommender):
                 )
         if c.features:
             # a copy (np.concatenate), registered as a non-persistent buffer: frozen, not checkpointed, never re-inited
-            matrix = np.concatenate([np.asarray(available[name], dtype=np.float32) for name in c.features], axis=1)
+            norm = standardize_columns if c.feature_norm == "standardize" else (lambda m: np.asarray(m, np.float32))
+            matrix = np.concatenate([norm(available[name]) for name in c.features], axis=1)
             self.register_buffer("item_features", torch.from_numpy(matrix), persistent=False)
             self.mo_emb = None
             self.adapter = self._make_adapter(matrix.shape[1], d, scale=stdv / math.sqrt(3.0))

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from ..data.dataset import Dataset
-from .base import ModelConfig, register_model
+from .base import ModelConfig, register_model, standardize_columns
 from .gru4rec import GRU4Rec, GRU4RecConfig
 from .sasrec import SASRec, SASRecConfig
 
@@ -31,6 +31,8 @@ class FusionConfig(ModelConfig):
     use_id: bool = True  # False: features only (cold-start items)
     adapter_layernorm: bool = True  # LayerNorm after each adapter's Linear: CLIP and text features differ in scale
     adapter_dropout: float = 0.1
+    # "standardize": each feature column to mean 0 / std 1 over the items before the adapter (models.base); "none"
+    feature_norm: Literal["standardize", "none"] = "standardize"
 
 
 class FusedGRU4RecConfig(GRU4RecConfig, FusionConfig):
@@ -70,7 +72,8 @@ class FusedItems:
         scale = float(self.item_emb.weight[1:].detach().std())  # the ID table's init scale (each model's own init)
         for i, name in enumerate(c.features):
             # attribute-safe names (feature names may hold dots); row 0 of every matrix is padding
-            matrix = torch.as_tensor(available[name], dtype=torch.float32)
+            rows = standardize_columns(available[name]) if c.feature_norm == "standardize" else available[name]
+            matrix = torch.as_tensor(rows, dtype=torch.float32)
             self.register_buffer(f"feature_{i}", matrix, persistent=False)
         self.adapters = nn.ModuleList(_adapter(available[n].shape[1], d, c, scale) for n in c.features)
         n_parts = len(c.features) + int(c.use_id)

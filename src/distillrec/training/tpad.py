@@ -284,7 +284,8 @@ class Stage:
     def run(self, mm: MultimodalLM, heads: nn.Module, opts: list[torch.optim.Optimizer], n_units: int,
             step_fn: Callable[[np.ndarray, np.random.Generator], dict[str, float]],
             evaluate: Callable[[], dict[str, Any]] | None = None, log: Callable[[str], None] = print,
-            stage_id: int = 0) -> dict[str, Any]:
+            stage_id: int = 0, evaluate_before: bool = True) -> dict[str, Any]:
+        """``evaluate`` runs after every epoch and, with ``evaluate_before``, once before training (epoch 0)."""
         from tqdm.auto import tqdm
 
         s = self.scfg
@@ -300,7 +301,7 @@ class Stage:
             log(f"{self.name}: resumed at step {state['step']}/{total}")
         else:  # LoRA dropout and the estimators' permutations draw from torch's RNG: seed it per stage
             torch.manual_seed(self.cfg.seed * 1000 + stage_id)
-        if state["step"] == 0 and evaluate is not None:
+        if state["step"] == 0 and evaluate is not None and evaluate_before:
             mm.eval()
             with torch.random.fork_rng(devices=[]):
                 state["history"].append({"epoch": 0, **evaluate()})
@@ -323,12 +324,12 @@ class Stage:
             run = state["running"]
             for k, v in losses.items():
                 run.setdefault(k, []).append(v)
-            if state["step"] % CURVE_EVERY == 0:  # the training curve: means of the last CURVE_EVERY steps
+            end_of_epoch = state["step"] % n_batches == 0
+            if state["step"] % CURVE_EVERY == 0 or end_of_epoch:  # training curve: means of the last steps
                 state["curve"].append({"step": state["step"],
                                        **{k: float(np.mean(v[-CURVE_EVERY:])) for k, v in run.items()}})
             bar.update()
             bar.set_postfix({k: f"{np.mean(v[-20:]):.3f}" for k, v in list(run.items())[:3]})
-            end_of_epoch = state["step"] % n_batches == 0
             if end_of_epoch:
                 row: dict[str, Any] = {"epoch": epoch + 1, **{k: float(np.mean(v)) for k, v in run.items()}}
                 if evaluate is not None:
@@ -429,7 +430,7 @@ def stage_knowledge(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path
     def step(idx: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
         loss, parts = _knowledge_losses(cfg, data, mm, heads, items[idx], rng, k.modality_dropout)
         loss.backward()
-        return {"loss": float(loss), **{n: float(v) for n, v in parts.items() if n != "h"}}
+        return {"loss": float(loss.detach()), **{n: float(v.detach()) for n, v in parts.items() if n != "h"}}
 
     return stage.run(mm, heads, [opt], len(items), step, lambda: generation_rates(cfg, data, mm, data.gr_items),
                      log, stage_id=1)
@@ -480,7 +481,7 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
         h = torch.cat([o["image"], o["text"]], -1)
         n = len(p)
         loss = heads["transition"](h[:n], h[n:], torch.from_numpy(p[:, 1]))
-        parts = {"transition": float(loss)}
+        parts = {"transition": float(loss.detach())}
         if single:  # the one tower keeps its knowledge task
             kl, kparts = _knowledge_losses(cfg, data, mm, _NoViews(), p[:, 0], rng, 0.0)
             loss = loss + kl
@@ -579,8 +580,9 @@ def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, lo
         return {"loss": float(total), **{n: float(v) for n, v in parts.items() if n != "h"},
                 "club": float(mi["club"]), "mine": float(mi["mine"])}
 
+    # no epoch-0 evaluation: it would repeat stage 1's last one
     return stage.run(mm, heads, [opt, est_opt], len(items), step,
-                     lambda: generation_rates(cfg, data, mm, data.gr_items), log, stage_id=3)
+                     lambda: generation_rates(cfg, data, mm, data.gr_items), log, stage_id=3, evaluate_before=False)
 
 
 def _seeded(cfg: TPADConfig, k: int, make: Callable[[], nn.Module]) -> nn.Module:
@@ -595,6 +597,8 @@ def _stage_key(cfg: TPADConfig, stage: str) -> dict[str, Any]:
                                                   "text_view", "use_image", "use_text", "towers", "contrast_weight",
                                                   "temperature", "d_contrast", "keywords", "seed"})
     shared["lm"].pop("device", None)
+    if stage == "knowledge":  # stage 1 is the same for one or two towers: ablations can start from its result
+        shared.pop("towers")
     order = ["knowledge", "transfer", "align"]
     for s in order[: order.index(stage) + 1]:
         shared[s] = getattr(cfg, s).model_dump(mode="json")

@@ -1,0 +1,196 @@
+"""TPAD -> DIMO against the baselines on a real dataset, with ablations (issue 4, item 7). Prints a table.
+
+    python benchmarks/tpad_results.py --dataset amazon2018-scientific-mm --seeds 1 2 3 4 5 --workers 2
+    python benchmarks/tpad_results.py --dataset amazon2018-scientific-text --seeds 1 2 3 4 5 --no-ablations
+
+What runs (each job a ``distillrec`` subprocess with one torch thread, ``--workers`` at a time; finished jobs are
+reused, so a rerun after a kill continues):
+
+* TPAD: ``configs/tpad/<short>.yaml`` (``short`` = the dataset name without ``amazon2018-``), and its ablations:
+  ``na`` (gamma1 = gamma2 = 0), ``no_club`` (gamma1 = 0), ``no_mine`` (gamma2 = 0), ``no_image``, ``no_text``,
+  ``single`` (one tower). Variants that share finished stages with the full run start from a copy of them (the
+  stage keys decide what is reusable; a stage whose key differs is trained again).
+* Downstream, each with every seed: the dataset's own configs (``configs/<dataset>/{sasrec,gru4rec,srgnn,sknn,
+  fused_sasrec,dimo}.yaml`` where they exist; ``dimo`` and ``fused_sasrec`` there use the shipped CLIP features), and
+  ``dimo`` + ``fused_sasrec`` on each TPAD variant's embeddings (features ``tpad_image``, ``tpad_text``).
+
+The table: validation NDCG@10 (the selection metric), test HR@10 and NDCG@10 (mean +- 95% CI over seeds), test
+NDCG@10 on cold targets (targets seen at most 4 times in training), and paired tests (t and Wilcoxon, per test user,
+metrics averaged over seeds) against the best non-TPAD model, chosen on validation NDCG@10, never on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from distillrec.data.loaders import load_dataset  # noqa: E402
+from distillrec.evaluation.metrics import mean_ci, metrics_from_ranks, paired_test  # noqa: E402
+from distillrec.evaluation.report import load_run, run_test_ranks  # noqa: E402
+
+BASELINES = ["sknn", "gru4rec", "sasrec", "srgnn", "fused_sasrec", "dimo"]
+ABLATIONS = {
+    "na": ["align.gamma1=0", "align.gamma2=0"],
+    "no_club": ["align.gamma1=0"],
+    "no_mine": ["align.gamma2=0"],
+    "no_image": ["use_image=false"],
+    "no_text": ["use_text=false"],
+    "single": ["towers=single"],
+}
+REUSE = ["knowledge/final", "transfer/final", "align/transfer_states.safetensors"]
+COLD_MAX = 4
+
+
+def tpad_job(short: str, variant: str, out: Path) -> dict:
+    sets = ABLATIONS.get(variant, [])
+    cmd = ["distillrec", "tpad", str(ROOT / "configs" / "tpad" / f"{short}.yaml"), "--out", str(out / "tpad" / variant),
+           "--set", "num_threads=1", "--set", "progress=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    return {"name": f"tpad_{variant}", "cmd": cmd, "done": out / "tpad" / variant / "embeddings" /
+            "item_embeddings.safetensors", "deps": [] if variant in ("full", "no_image", "no_text") else
+            ["tpad_full"], "variant": variant}
+
+
+def train_job(name: str, config: Path, out: Path, seeds: list[int], sets: list[str], deps: list[str]) -> dict:
+    cmd = ["distillrec", "train", str(config), "--out", str(out / "runs" / name),
+           "--set", f"train.seeds={json.dumps(seeds)}", "--set", "train.num_threads=1", "--set", "train.progress=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    return {"name": name, "cmd": cmd, "done": out / "runs" / name / "metrics.json", "deps": deps}
+
+
+def copy_reusable(out: Path, variant: str) -> None:
+    src, dst = out / "tpad" / "full", out / "tpad" / variant
+    for rel in REUSE:
+        if (src / rel).exists() and not (dst / rel).exists():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (src / rel).is_dir() else shutil.copy2)(src / rel, dst / rel)
+
+
+def run_jobs(jobs: list[dict], workers: int, out: Path) -> None:
+    pending = [j for j in jobs if not j["done"].exists()]
+    done = {j["name"] for j in jobs if j["done"].exists()}
+    running: dict[str, tuple[subprocess.Popen, dict, float]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    while pending or running:
+        for name, (p, j, ts) in list(running.items()):
+            if p.poll() is not None:
+                del running[name]
+                if p.returncode != 0:
+                    raise SystemExit(f"job {name} failed (exit {p.returncode}); see {out / 'logs' / (name + '.log')}")
+                done.add(name)
+                print(f"[{time.time() - t0:7.0f}s] done {name} ({time.time() - ts:.0f}s)", flush=True)
+        ready = [j for j in pending if all(d in done for d in j["deps"])]
+        while ready and len(running) < workers:
+            j = ready.pop(0)
+            pending.remove(j)
+            if j.get("variant") and j["deps"]:
+                copy_reusable(out, j["variant"])
+            log = open(out / "logs" / f"{j['name']}.log", "w")
+            running[j["name"]] = (subprocess.Popen(j["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env), j,
+                                  time.time())
+            print(f"[{time.time() - t0:7.0f}s] start {j['name']}", flush=True)
+        if pending and not running and not ready:
+            raise SystemExit(f"jobs waiting on failed dependencies: {[j['name'] for j in pending]}")
+        time.sleep(2)
+
+
+def per_user(run_dir: Path, metric: str) -> np.ndarray:
+    r = load_run(run_dir)
+    return np.mean([metrics_from_ranks(run_test_ranks(run_dir, s["seed"]), (10,))[metric] for s in r["seeds"]], 0)
+
+
+def table(out: Path, names: list[str], dataset: str) -> str:
+    ds = load_dataset({"name": dataset})
+    counts = np.zeros(ds.n_items + 1, dtype=np.int64)
+    for seq in ds.train:
+        np.add.at(counts, seq, 1)
+    cold = counts[np.asarray(ds.test.targets)] <= COLD_MAX
+    runs = {n: load_run(out / "runs" / n) for n in names}
+    valid = {n: runs[n]["valid"]["ndcg@10"] for n in names}
+    best = max((n for n in names if "tpad" not in n), key=lambda n: valid[n])
+    base = per_user(out / "runs" / best, "ndcg@10")
+    lines = [f"Best non-TPAD model on validation NDCG@10: **{best}**. Cold targets: {int(cold.sum())} of {len(cold)} "
+             f"test users (target seen <= {COLD_MAX} times in training).", "",
+             "| run | seeds | valid NDCG@10 | test HR@10 | test NDCG@10 | cold NDCG@10 | Δ vs best | p (t) | p (Wilcoxon) "
+             "| Δ cold | p cold (t) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        r = runs[n]
+        per_seed = [s for s in r["seeds"]]
+        ndcg = mean_ci([s["test"]["ndcg@10"] for s in per_seed])
+        hr = mean_ci([s["test"]["hr@10"] for s in per_seed])
+        a = per_user(out / "runs" / n, "ndcg@10")
+        cold_seeds = [metrics_from_ranks(run_test_ranks(out / "runs" / n, s["seed"]), (10,))["ndcg@10"][cold].mean()
+                      for s in per_seed]
+        c = mean_ci(cold_seeds)
+        row = (f"| {n} | {len(per_seed)} | {valid[n]:.4f} | {hr['mean']:.4f} ± {hr['ci95']:.4f} | "
+               f"{ndcg['mean']:.4f} ± {ndcg['ci95']:.4f} | {c['mean']:.4f} ± {c['ci95']:.4f} |")
+        if n == best:
+            lines.append(row + " – | – | – | – | – |")
+            continue
+        t = paired_test(a, base)
+        tc = paired_test(a[cold], base[cold])
+        lines.append(row + f" {t.mean_diff:+.4f} | {t.t_pvalue:.3g} | {t.wilcoxon_pvalue:.3g} | {tc.mean_diff:+.4f} | "
+                     f"{tc.t_pvalue:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default="amazon2018-scientific-mm")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--only", nargs="*", default=None, help="variants to run (default: full + all ablations)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    short = args.dataset.removeprefix("amazon2018-")
+    out = args.out or ROOT / "runs" / "results" / short
+    out.mkdir(parents=True, exist_ok=True)
+    variants = ["full"] + ([] if args.no_ablations else list(ABLATIONS))
+    if args.only is not None:
+        variants = ["full"] + [v for v in args.only if v != "full"]
+    jobs = [tpad_job(short, v, out) for v in variants]
+    names = []
+    cfg_dir = ROOT / "configs" / args.dataset
+    for b in BASELINES:
+        if (cfg_dir / f"{b}.yaml").is_file():
+            jobs.append(train_job(b, cfg_dir / f"{b}.yaml", out, args.seeds, [], []))
+            names.append(b)
+    for v in variants:
+        emb = out / "tpad" / v / "embeddings"
+        sets = [f"dataset.embeddings={json.dumps({'tpad': str(emb)})}", "model.params.features=[tpad_image,tpad_text]"]
+        for model in (["dimo", "fused_sasrec"] if v == "full" else ["dimo"]):
+            if (cfg_dir / f"{model}.yaml").is_file():
+                name = f"{model}_tpad" + ("" if v == "full" else f"_{v}")
+                jobs.append(train_job(name, cfg_dir / f"{model}.yaml", out, args.seeds, sets, [f"tpad_{v}"]))
+                names.append(name)
+    run_jobs(jobs, args.workers, out)
+    text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py "
+            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n" + table(out, names, args.dataset))
+    tpad_times = {v: json.loads((out / "tpad" / v / "report.json").read_text())["seconds"] for v in variants
+                  if (out / "tpad" / v / "report.json").is_file()}
+    text += "\nTPAD time per variant (s, one torch thread): " + json.dumps(tpad_times) + "\n"
+    res = ROOT / "benchmarks" / "results"
+    res.mkdir(exist_ok=True)
+    (res / f"tpad_{short}.md").write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
