@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -53,20 +52,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from embed_throughput import cpu_name  # noqa: E402  (one definition, shared by the benchmarks)
 DEFAULT_OUT = ROOT / "results" / "tpad_speed"
 KNOWLEDGE = "knowledge"
 SESSION_SEED = 0
 QUESTION = "Will the user view the candidate item next? Answer yes or no."
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _sync(device: torch.device) -> None:

@@ -65,6 +65,16 @@ def standardize_columns(matrix: np.ndarray) -> np.ndarray:
     return out
 
 
+def require_features(model: str, dataset: Dataset, names: list[str], hint: str) -> list[np.ndarray]:
+    """The named item feature matrices of ``dataset``; a missing one is an error naming what exists and ``hint``."""
+    available = dataset.items.features
+    for name in names:
+        if name not in available:
+            raise ValueError(f"{model}: the dataset has no item feature '{name}'; available features: "
+                             f"{', '.join(sorted(available)) or 'none'} ({hint})")
+    return [available[name] for name in names]
+
+
 _REGISTRY: dict[str, type[Recommender]] = {}
 
 

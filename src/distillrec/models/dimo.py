@@ -60,7 +60,7 @@ from pydantic import Field
 from torch import nn
 
 from ..data.dataset import Dataset
-from .base import ModelConfig, Recommender, register_model, standardize_columns
+from .base import ModelConfig, Recommender, register_model, require_features, standardize_columns
 
 
 class DIMOConfig(ModelConfig):
@@ -264,17 +264,11 @@ class DIMO(Recommender):
         with torch.no_grad():
             self.id_emb.weight[0].zero_()
 
-        available = dataset.items.features
-        for name in c.features:
-            if name not in available:
-                raise ValueError(
-                    f"dimo: the dataset has no item feature '{name}'; available features: "
-                    f"{', '.join(sorted(available)) or 'none'} (or use features: [] for DIMO without side information)"
-                )
+        raw = require_features("dimo", dataset, c.features, "or use features: [] for DIMO without side information")
         if c.features:
             # a copy (np.concatenate), registered as a non-persistent buffer: frozen, not checkpointed, never re-inited
             norm = standardize_columns if c.feature_norm == "standardize" else (lambda m: np.asarray(m, np.float32))
-            matrix = np.concatenate([norm(available[name]) for name in c.features], axis=1)
+            matrix = np.concatenate([norm(m) for m in raw], axis=1)
             self.register_buffer("item_features", torch.from_numpy(matrix), persistent=False)
             self.mo_emb = None
             self.adapter = self._make_adapter(matrix.shape[1], d, scale=stdv / math.sqrt(3.0))

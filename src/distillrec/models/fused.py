@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from ..data.dataset import Dataset
-from .base import ModelConfig, register_model, standardize_columns
+from .base import ModelConfig, register_model, require_features, standardize_columns
 from .gru4rec import GRU4Rec, GRU4RecConfig
 from .sasrec import SASRec, SASRecConfig
 
@@ -60,22 +60,16 @@ class FusedItems:
     """Mixin placed before GRU4Rec / SASRec: adds the frozen features and adapters, overrides ``item_table``."""
 
     def _init_fusion(self, c: FusionConfig, dataset: Dataset) -> None:
-        available = dataset.items.features
-        for name in c.features:
-            if name not in available:
-                raise ValueError(
-                    f"{self.name}: the dataset has no item feature '{name}'; available features: "
-                    f"{', '.join(sorted(available)) or 'none'} (attach one with ItemTable.add_features or the "
-                    "dataset's features settings)"
-                )
+        raw = require_features(self.name, dataset, c.features, "attach one with ItemTable.add_features or the "
+                               "dataset's embeddings setting")
         d = self.item_dim
         scale = float(self.item_emb.weight[1:].detach().std())  # the ID table's init scale (each model's own init)
-        for i, name in enumerate(c.features):
+        for i, m in enumerate(raw):
             # attribute-safe names (feature names may hold dots); row 0 of every matrix is padding
-            rows = standardize_columns(available[name]) if c.feature_norm == "standardize" else available[name]
+            rows = standardize_columns(m) if c.feature_norm == "standardize" else m
             matrix = torch.as_tensor(rows, dtype=torch.float32)
             self.register_buffer(f"feature_{i}", matrix, persistent=False)
-        self.adapters = nn.ModuleList(_adapter(available[n].shape[1], d, c, scale) for n in c.features)
+        self.adapters = nn.ModuleList(_adapter(m.shape[1], d, c, scale) for m in raw)
         n_parts = len(c.features) + int(c.use_id)
         self.fuse = nn.Linear(n_parts * d, d) if c.fusion == "concat" else None
         if not c.use_id:

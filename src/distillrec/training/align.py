@@ -79,6 +79,7 @@ from ..data.dataset import Dataset
 from ..data.item_text import STOP_WORDS, item_fields, keyword_sets, split_item_text, words  # noqa: F401
 from ..data.loaders import DatasetConfig, load_dataset
 from ..llm.multimodal import IMAGE_TOKEN, MultimodalLM, MultimodalLMConfig
+from .checkpoint import write_folder_atomically
 
 REPORT_FORMAT = 1
 _CKPT_RE = re.compile(r"^epoch-(\d{3,})$")
@@ -509,12 +510,7 @@ def pretrain_connector(cfg: AlignmentConfig | dict, *, dataset: Dataset | None =
     # AFTER
     with torch.random.fork_rng(devices=[]):
         after = evaluate(mm, data, cfg, progress=progress, desc="after")
-    final = out / "connector"
-    tmp = out / f".connector.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    mm.save_trainable(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    write_folder_atomically(out / "connector", mm.save_trainable)
 
     lm_unchanged = None
     if lm_before is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,24 @@ def save_checkpoint(
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"distillrec": json.dumps(meta)})
     os.replace(tmp, path)
+
+
+def write_folder_atomically(final: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` fills a temporary sibling folder, which then replaces ``final``: a kill leaves the old folder or
+    the new one, never a half-written one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -204,6 +204,16 @@ def build_model(cfg: EmbedConfig, mm_cfg: MultimodalLMConfig) -> MultimodalLM:
     return mm.eval()
 
 
+def item_texts(items: Any, text_fields: list[str] | None) -> list[str]:
+    """The text of items 1..n: the named fields joined by ". " (None: every field; []: no text at all, the
+    "without text" ablation); an unknown field is a ConfigError that names it."""
+    if text_fields is not None:
+        unknown = [f for f in text_fields if f not in items.text]
+        if unknown:
+            raise ConfigError(f"text_fields: unknown field(s) {unknown}; the dataset has {list(items.text)}")
+    return [items.item_text(i, text_fields) if text_fields != [] else "" for i in range(1, items.n_items + 1)]
+
+
 def item_image_matrix(name: str | None, items: Any, progress: bool = True) -> np.ndarray | None:
     """The item feature matrix ``name`` (float32 [n_items + 1, d]); the bundled image encoder's feature is computed
     (and cached) when the dataset has image paths. ``None`` -> ``None`` (no image input)."""
@@ -296,12 +306,7 @@ def embed_items(cfg: EmbedConfig, out_dir: str | Path) -> dict[str, Any]:
     ds = load_dataset(cfg.dataset)
     items = ds.items
     n = items.n_items
-    if cfg.text_fields is not None:
-        unknown = [f for f in cfg.text_fields if f not in items.text]
-        if unknown:
-            raise ConfigError(f"text_fields: unknown field(s) {unknown}; the dataset has {list(items.text)}")
-    # text_fields [] = no text at all (the "without text" ablation); None = every field
-    texts = [items.item_text(i, cfg.text_fields) if cfg.text_fields != [] else "" for i in range(1, n + 1)]
+    texts = item_texts(items, cfg.text_fields)
     image = item_image_matrix(cfg.image_features, items, cfg.progress)
     has_image = None if image is None else np.asarray(image[1:].any(-1))
     mm_cfg = effective_multimodal_config(cfg, None if image is None else int(image.shape[1]))

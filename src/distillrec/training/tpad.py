@@ -52,9 +52,9 @@ from ..data.loaders import DatasetConfig, load_dataset
 from ..llm.multimodal import MultimodalLM, MultimodalLMConfig
 from ..methods.tpad.keywords import KeywordConfig, KeywordTargets, generation_rate, keyword_targets
 from ..methods.tpad.model import TransitionalPatternAlignment, TransitionContrast, ViewContrast, meta_pairs
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, write_folder_atomically
 from .config import ConfigError, read_config
-from .embed import LMSpec, item_image_matrix
+from .embed import LMSpec, item_image_matrix, item_texts
 
 STAGES = ("knowledge", "transfer", "align", "embed")
 KNOWLEDGE, TRANSFER = "knowledge", "transfer"
@@ -149,11 +149,7 @@ class TPADData:
         self.ds = ds
         items = ds.items
         n = items.n_items
-        if cfg.text_fields is not None:
-            unknown = [f for f in cfg.text_fields if f not in items.text]
-            if unknown:
-                raise ConfigError(f"text_fields: unknown field(s) {unknown}; the dataset has {list(items.text)}")
-        self.texts = [""] + [items.item_text(i, cfg.text_fields) if cfg.use_text else "" for i in range(1, n + 1)]
+        self.texts = [""] + item_texts(items, cfg.text_fields if cfg.use_text else [])
         image = item_image_matrix(cfg.image_features, items, cfg.progress) if cfg.use_image else None
         self.image = None if image is None else torch.from_numpy(image)
         self.has_image = np.zeros(n + 1, bool) if image is None else image.any(1)
@@ -244,31 +240,31 @@ class Stage:
         st = self.dir / "final" / "stage.json"
         return st.is_file() and json.loads(st.read_text()).get("key") == self.key
 
-    def check_folder(self) -> None:
+    def load_finished(self, mm: MultimodalLM) -> dict[str, Any] | None:
+        """A finished stage of this config: load its result into ``mm`` and return its state. Otherwise None (and an
+        error when the folder holds an unfinished checkpoint of another config)."""
+        if self.finished():
+            mm.load_trainable(self.done_dir)
+            return json.loads((self.done_dir / "stage.json").read_text())
         ck = self.dir / "checkpoint" / "stage.json"
         if ck.is_file() and json.loads(ck.read_text()).get("key") != self.key:
             raise ConfigError(f"{self.dir} holds a checkpoint of another {self.name} config; use another 'out', "
                               "or --restart")
+        return None
 
     def save(self, folder: Path, mm: MultimodalLM, heads: nn.Module, opts: list[torch.optim.Optimizer],
              state: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        mm.save_trainable(tmp)
-        save_checkpoint(tmp / "heads.safetensors", heads, state, opts[0] if opts else None)
-        for k, o in enumerate(opts[1:], 1):
-            save_checkpoint(tmp / f"optimizer{k}.safetensors", nn.Module(), {}, o)
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        (tmp / "stage.json").write_text(json.dumps({**state, "key": self.key}, indent=1))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        def write(tmp: Path) -> None:
+            mm.save_trainable(tmp)
+            save_checkpoint(tmp / "heads.safetensors", heads, state, opts[0] if opts else None)
+            for k, o in enumerate(opts[1:], 1):
+                save_checkpoint(tmp / f"optimizer{k}.safetensors", nn.Module(), {}, o)
+            save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            (tmp / "stage.json").write_text(json.dumps({**state, "key": self.key}, indent=1))
+
+        write_folder_atomically(folder, write)
 
     def load(self, folder: Path, mm: MultimodalLM, heads: nn.Module, opts: list[torch.optim.Optimizer]
              ) -> dict[str, Any]:
@@ -417,10 +413,8 @@ def generation_rates(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, items: S
 def stage_knowledge(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, log: Callable) -> dict[str, Any]:
     k = cfg.knowledge
     stage = Stage("knowledge", cfg, k, out, _stage_key(cfg, "knowledge"))
-    if stage.finished():
-        mm.load_trainable(stage.done_dir)
-        return json.loads((stage.done_dir / "stage.json").read_text())
-    stage.check_folder()
+    if (done := stage.load_finished(mm)) is not None:
+        return done
     _set_trainable(mm, KNOWLEDGE, shared=True)
     heads = _seeded(cfg, 1, lambda: _KnowledgeHeads(cfg, data, mm.hidden_size))
     opt = torch.optim.AdamW(_trainable(mm, heads), lr=k.lr, weight_decay=k.weight_decay)
@@ -449,10 +443,8 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
     """Stage 2a; with ``towers: single`` the knowledge tower itself learns the transition task (plus L_gen)."""
     t = cfg.transfer
     stage = Stage("transfer", cfg, t, out, _stage_key(cfg, "transfer"))
-    if stage.finished():
-        mm.load_trainable(stage.done_dir)
-        return json.loads((stage.done_dir / "stage.json").read_text())
-    stage.check_folder()
+    if (done := stage.load_finished(mm)) is not None:
+        return done
     single = cfg.towers == "single"
     tower = KNOWLEDGE if single else TRANSFER
     _set_trainable(mm, tower, shared=single)
@@ -482,10 +474,11 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
         n = len(p)
         loss = heads["transition"](h[:n], h[n:], torch.from_numpy(p[:, 1]))
         parts = {"transition": float(loss.detach())}
-        if single:  # the one tower keeps its knowledge task
-            kl, kparts = _knowledge_losses(cfg, data, mm, _NoViews(), p[:, 0], rng, 0.0)
+        anchors = p[~np.isin(p[:, 0], data.gr_items), 0]  # GR's held-out items are never trained on
+        if single and len(anchors):  # the one tower keeps its knowledge task
+            kl, kparts = _knowledge_losses(cfg, data, mm, _NoViews(), anchors, rng, 0.0)
             loss = loss + kl
-            parts["gen"] = float(kparts["gen"])
+            parts["gen"] = float(kparts["gen"].detach())
         loss.backward()
         return parts
 
@@ -518,10 +511,8 @@ def transfer_states(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, items: np
 def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, log: Callable) -> dict[str, Any]:
     a = cfg.align
     stage = Stage("align", cfg, a, out, _stage_key(cfg, "align"))
-    if stage.finished():
-        mm.load_trainable(stage.done_dir)
-        return json.loads((stage.done_dir / "stage.json").read_text())
-    stage.check_folder()
+    if (done := stage.load_finished(mm)) is not None:
+        return done
     items = data.train_items if a.max_items is None else data.train_items[: a.max_items]
     cache = out / "align" / "transfer_states.safetensors"
     if cache.is_file():
@@ -577,8 +568,8 @@ def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, lo
         total = loss + a.gamma1 * mi["club"] - a.gamma2 * mi["mine"]
         total.backward()
         est_opt.zero_grad(set_to_none=True)  # the encoder step must not leak into the estimators
-        return {"loss": float(total), **{n: float(v) for n, v in parts.items() if n != "h"},
-                "club": float(mi["club"]), "mine": float(mi["mine"])}
+        return {"loss": float(total.detach()), **{n: float(v.detach()) for n, v in parts.items() if n != "h"},
+                "club": float(mi["club"].detach()), "mine": float(mi["mine"].detach())}
 
     # no epoch-0 evaluation: it would repeat stage 1's last one
     return stage.run(mm, heads, [opt, est_opt], len(items), step,
@@ -643,12 +634,7 @@ def run_tpad(cfg: TPADConfig, stages: Sequence[str] = STAGES, *, restart: bool =
             t0 = time.perf_counter()
             report["stages"][s] = _summary(runners[s](cfg, data, mm, out, log))
             report["seconds"][s] = round(time.perf_counter() - t0, 2)
-        final = out / "model"
-        tmp = out / f".model.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        mm.save_trainable(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        write_folder_atomically(out / "model", mm.save_trainable)
     if "embed" in stages:
         t0 = time.perf_counter()
         report["embeddings"] = embed_with_knowledge_tower(cfg, out)
