@@ -11,8 +11,10 @@ reused, so a rerun after a kill continues):
   ``single`` (one tower). Variants that share finished stages with the full run start from a copy of them (the
   stage keys decide what is reusable; a stage whose key differs is trained again).
 * Downstream, each with every seed: the dataset's own configs (``configs/<dataset>/{sasrec,gru4rec,srgnn,sknn,
-  fused_sasrec,dimo}.yaml`` where they exist; ``dimo`` and ``fused_sasrec`` there use the shipped CLIP features), and
-  ``dimo`` + ``fused_sasrec`` on each TPAD variant's embeddings (features ``tpad_image``, ``tpad_text``).
+  fused_sasrec,fused_gru4rec,dimo}.yaml`` where they exist; ``dimo`` and the fused models there use the shipped CLIP
+  features), and
+  ``dimo`` on each TPAD variant's embeddings, and ``fused_sasrec`` + ``fused_gru4rec`` on the full run's (features
+  ``tpad_image``, ``tpad_text``).
 
 The table: validation NDCG@10 (the selection metric), test HR@10 and NDCG@10 (mean +- 95% CI over seeds), test
 NDCG@10 on cold targets (targets seen at most 4 times in training), and paired tests (t and Wilcoxon, per test user,
@@ -39,7 +41,7 @@ from distillrec.data.loaders import load_dataset  # noqa: E402
 from distillrec.evaluation.metrics import mean_ci, metrics_from_ranks, paired_test  # noqa: E402
 from distillrec.evaluation.report import load_run, run_test_ranks  # noqa: E402
 
-BASELINES = ["sknn", "gru4rec", "sasrec", "srgnn", "fused_sasrec", "dimo"]
+BASELINES = ["sknn", "gru4rec", "sasrec", "srgnn", "fused_sasrec", "fused_gru4rec", "dimo"]
 ABLATIONS = {
     "na": ["align.gamma1=0", "align.gamma2=0"],
     "no_club": ["align.gamma1=0"],
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> str:
     for v in variants:
         emb = out / "tpad" / v / "embeddings"
         sets = [f"dataset.embeddings={json.dumps({'tpad': str(emb)})}", "model.params.features=[tpad_image,tpad_text]"]
-        for model in (["dimo", "fused_sasrec"] if v == "full" else ["dimo"]):
+        for model in (["dimo", "fused_sasrec", "fused_gru4rec"] if v == "full" else ["dimo"]):
             if (cfg_dir / f"{model}.yaml").is_file():
                 name = f"{model}_tpad" + ("" if v == "full" else f"_{v}")
                 jobs.append(train_job(name, cfg_dir / f"{model}.yaml", out, args.seeds, sets, [f"tpad_{v}"]))
