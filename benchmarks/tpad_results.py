@@ -148,6 +148,16 @@ def table(out: Path, names: list[str], dataset: str) -> str:
         tc = paired_test(a[cold], base[cold])
         lines.append(row + f" {t.mean_diff:+.4f} | {t.t_pvalue:.3g} | {t.wilcoxon_pvalue:.3g} | {tc.mean_diff:+.4f} | "
                      f"{tc.t_pvalue:.3g} |")
+    lines += ["", "Each TPAD run against the same model on the dataset's own features (paired, per test user):", "",
+              "| run | vs | Δ test NDCG@10 | p (t) | p (Wilcoxon) | Δ cold | p cold (t) |", "|---|---|---|---|---|---|---|"]
+    for n in names:
+        raw = n.split("_tpad")[0]
+        if "_tpad" not in n or raw not in runs:
+            continue
+        a, b = per_user(out / "runs" / n, "ndcg@10"), per_user(out / "runs" / raw, "ndcg@10")
+        t, tc = paired_test(a, b), paired_test(a[cold], b[cold])
+        lines.append(f"| {n} | {raw} | {t.mean_diff:+.4f} | {t.t_pvalue:.3g} | {t.wilcoxon_pvalue:.3g} | "
+                     f"{tc.mean_diff:+.4f} | {tc.t_pvalue:.3g} |")
     return "\n".join(lines) + "\n"
 
 
