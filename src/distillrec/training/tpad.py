@@ -354,12 +354,14 @@ def _drop_modalities(rng: np.random.Generator, n: int, p: float) -> tuple[np.nda
 
 
 class _KnowledgeHeads(nn.Module):
-    def __init__(self, cfg: TPADConfig, data: TPADData, d: int):
+    """The L^v / L^t heads (each None when its modality or view is absent, or when ``views`` is False)."""
+
+    def __init__(self, cfg: TPADConfig, data: TPADData, d: int, views: bool = True):
         super().__init__()
-        self.view_v = ViewContrast(d, data.d_image, cfg.d_contrast, cfg.temperature) if data.image is not None \
-            else None
+        self.view_v = ViewContrast(d, data.d_image, cfg.d_contrast, cfg.temperature) \
+            if views and data.image is not None else None
         self.view_t = ViewContrast(d, data.text_view.shape[1], cfg.d_contrast, cfg.temperature) \
-            if data.text_view is not None else None
+            if views and data.text_view is not None else None
 
 
 def _knowledge_losses(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, heads: _KnowledgeHeads, items: np.ndarray,
@@ -430,7 +432,7 @@ def stage_knowledge(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path
                      log, stage_id=1)
 
 
-def _pair_texts(cfg: TPADConfig, data: TPADData, pairs: np.ndarray, contexts: list[list[int]] | None) -> list[str]:
+def _pair_texts(data: TPADData, pairs: np.ndarray, contexts: list[list[int]] | None) -> list[str]:
     if not contexts:
         return [data.texts[a] for a in pairs[:, 0]]
     titles = data.ds.items.text.get("title")
@@ -461,13 +463,14 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
         pairs = pairs[keep]
         contexts = [contexts[i] for i in keep] if contexts else None
     opt = torch.optim.AdamW(_trainable(mm, heads), lr=t.lr, weight_decay=t.weight_decay)
+    no_views = _KnowledgeHeads(cfg, data, mm.hidden_size, views=False)
     mm.train()
 
     def step(idx: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
         p = pairs[idx]
         both = np.concatenate([p[:, 0], p[:, 1]])
         img, mask = data.images(both)
-        texts = _pair_texts(cfg, data, p, [contexts[i] for i in idx] if contexts else None) + \
+        texts = _pair_texts(data, p, [contexts[i] for i in idx] if contexts else None) + \
             [data.texts[i] for i in p[:, 1]]
         o = mm.embed(texts, img, adapter=tower, image_mask=mask, instruction=t.instruction)
         h = torch.cat([o["image"], o["text"]], -1)
@@ -476,18 +479,13 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
         parts = {"transition": float(loss.detach())}
         anchors = p[~np.isin(p[:, 0], data.gr_items), 0]  # GR's held-out items are never trained on
         if single and len(anchors):  # the one tower keeps its knowledge task
-            kl, kparts = _knowledge_losses(cfg, data, mm, _NoViews(), anchors, rng, 0.0)
+            kl, kparts = _knowledge_losses(cfg, data, mm, no_views, anchors, rng, 0.0)
             loss = loss + kl
             parts["gen"] = float(kparts["gen"].detach())
         loss.backward()
         return parts
 
     return stage.run(mm, heads, [opt], len(pairs), step, None, log, stage_id=2)
-
-
-class _NoViews(nn.Module):
-    view_v = None
-    view_t = None
 
 
 @torch.no_grad()
@@ -530,24 +528,18 @@ def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, lo
     _set_trainable(mm, KNOWLEDGE, shared=True)
     d = mm.hidden_size
 
-    def make() -> nn.ModuleDict:
-        kh = _KnowledgeHeads(cfg, data, d)
-        return nn.ModuleDict({"view_v": kh.view_v or nn.Identity(), "view_t": kh.view_t or nn.Identity(),
-                              "tpa": TransitionalPatternAlignment(2 * d, 2 * d, a.d_proj, a.estimator_hidden,
-                                                                  a.club, a.mine_ma_rate)})
-
-    heads = _seeded(cfg, 3, make)
+    heads = _seeded(cfg, 3, lambda: nn.ModuleDict({
+        "views": _KnowledgeHeads(cfg, data, d),
+        "tpa": TransitionalPatternAlignment(2 * d, 2 * d, a.d_proj, a.estimator_hidden, a.club, a.mine_ma_rate)}))
     # the stage-1 contrastive heads continue from stage 1
-    k_heads = Path(out / "knowledge" / "final" / "heads.safetensors")
+    k_heads = out / "knowledge" / "final" / "heads.safetensors"
     if k_heads.is_file():
         from safetensors.torch import load_file
 
         sd = {k.removeprefix("model."): v for k, v in load_file(str(k_heads)).items() if k.startswith("model.")}
-        heads.load_state_dict(sd, strict=False)
+        heads["views"].load_state_dict(sd)
     tpa: TransitionalPatternAlignment = heads["tpa"]
-    view_heads = _NoViews()
-    view_heads.view_v = heads["view_v"] if isinstance(heads["view_v"], ViewContrast) else None
-    view_heads.view_t = heads["view_t"] if isinstance(heads["view_t"], ViewContrast) else None
+    view_heads: _KnowledgeHeads = heads["views"]
     est_params = tpa.estimator_parameters()
     est_ids = {id(p) for p in est_params}
     main_params = [p for p in _trainable(mm, heads) if id(p) not in est_ids]
