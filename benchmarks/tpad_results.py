@@ -41,7 +41,7 @@ from distillrec.data.loaders import load_dataset  # noqa: E402
 from distillrec.evaluation.metrics import mean_ci, metrics_from_ranks, paired_test  # noqa: E402
 from distillrec.evaluation.report import load_run, run_test_ranks  # noqa: E402
 
-BASELINES = ["sknn", "gru4rec", "sasrec", "srgnn", "fused_sasrec", "fused_gru4rec", "dimo"]
+BASELINES = ["srgnn", "sknn", "gru4rec", "sasrec", "fused_sasrec", "fused_gru4rec", "dimo"]
 ABLATIONS = {
     "na": ["align.gamma1=0", "align.gamma2=0"],
     "no_club": ["align.gamma1=0"],
@@ -66,7 +66,7 @@ def tpad_job(short: str, variant: str, out: Path) -> dict:
 
 
 def train_job(name: str, config: Path, out: Path, seeds: list[int], sets: list[str], deps: list[str]) -> dict:
-    cmd = ["distillrec", "train", str(config), "--out", str(out / "runs" / name),
+    cmd = ["distillrec", "train", str(config), "--out", str(out / "runs" / name), "--resume",
            "--set", f"train.seeds={json.dumps(seeds)}", "--set", "train.num_threads=1", "--set", "train.progress=false"]
     for s in sets:
         cmd += ["--set", s]

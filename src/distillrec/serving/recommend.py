@@ -10,10 +10,10 @@ import torch
 
 from ..data.batching import pad_histories
 from ..data.dataset import DataError, Dataset
-from ..data.loaders import load_dataset
 from ..models import Recommender, build_model
 from ..training.checkpoint import load_checkpoint
 from ..training.config import RunConfig, load_config
+from ..training.trainer import load_run_dataset
 
 
 @dataclass
@@ -28,7 +28,7 @@ class TrainedRecommender:
         run_dir = Path(run_dir)
         cfg = load_config(run_dir / "config.yaml")
         seed = cfg.train.seeds[0] if seed is None else seed
-        dataset = load_dataset(cfg.dataset)
+        dataset = load_run_dataset(cfg)
         torch.manual_seed(seed)
         model = build_model(cfg.model.name, cfg.model.params, dataset)
         model.fit(dataset)

@@ -220,14 +220,11 @@ def item_image_matrix(name: str | None, items: Any, progress: bool = True) -> np
     if name is None:
         return None
     if name not in items.features:
+        from ..features.cache import encode_missing_features
         from ..features.image import ImageEncoder
 
         default = ImageEncoder().feature_name
-        if name == default and items.image_paths:
-            from ..features.cache import encode_item_table
-
-            encode_item_table(items, text=False, image=True, show_progress=progress)
-        else:
+        if not (name == default and encode_missing_features(items, [name], show_progress=progress)):
             have = ", ".join(sorted(items.features)) or "none"
             hint = f"; '{default}' is computed when the dataset has image paths" if not items.image_paths else ""
             raise ConfigError(f"image_features: the dataset has no feature matrix '{name}' (it has: {have}){hint}")

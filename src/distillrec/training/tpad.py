@@ -157,14 +157,11 @@ class TPADData:
         self.text_view = None
         if cfg.text_view is not None and cfg.use_text:
             if cfg.text_view not in items.features:
-                from ..features.text import TextEncoder
+                from ..features.cache import encode_missing_features
 
-                if cfg.text_view != TextEncoder().feature_name:
+                if not encode_missing_features(items, [cfg.text_view], cfg.text_fields, cfg.progress):
                     raise ConfigError(f"text_view: the dataset has no feature '{cfg.text_view}' (it has "
                                       f"{sorted(items.features)}); use 'text_minilm' (computed) or null")
-                from ..features.cache import encode_item_table
-
-                encode_item_table(items, cfg.text_fields, image=False, show_progress=cfg.progress)
             self.text_view = torch.from_numpy(np.asarray(items.features[cfg.text_view], np.float32))
         self.has_text = np.array([bool(t.strip()) for t in self.texts])
         self.targets: KeywordTargets = keyword_targets(ds, cfg.keywords, items.image_paths)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..data.batching import causal_batch, causal_windows, example_batch, length_bucketed_batches
 from ..data.dataset import Dataset
 from ..data.loaders import load_dataset
+from ..features.cache import encode_missing_features
 from ..evaluation.evaluator import rank_examples, summarise
 from ..evaluation.metrics import aggregate_seeds
 from ..evaluation.report import plot_curves, render_run_report
@@ -35,6 +36,17 @@ from ..models import Recommender, build_model
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .config import RunConfig, dump_config
 from .distributed import barrier, gather_rows, init_distributed, shard
+
+
+def load_run_dataset(cfg: RunConfig, dataset: Dataset | None = None) -> Dataset:
+    """The run's dataset (loaded from ``cfg.dataset`` unless given) with the default encoders' features that the
+    model names (``text_minilm``, ``image_effnet_lite0``) computed when absent, through the feature cache."""
+    dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
+    names = cfg.model.params.get("features") or []
+    if isinstance(names, str):
+        names = [names]
+    encode_missing_features(dataset.items, list(names), show_progress=cfg.train.progress)
+    return dataset
 
 
 def peak_rss_mb() -> float:
@@ -226,7 +238,7 @@ def run(
     logger = _make_logger(out_dir, rank)
     if rank == 0:
         (out_dir / "config.yaml").write_text(dump_config(cfg))
-    dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
+    dataset = load_run_dataset(cfg, dataset)
     protocol = cfg.eval.describe(dataset, cfg.train.max_len)
     logger.info(f"model {cfg.model.name} on {dataset.name}: {json.dumps(dataset.statistics())}")
     logger.info(f"protocol {protocol['hash']}: {json.dumps(protocol)}")
@@ -273,7 +285,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    dataset = load_dataset(cfg.dataset)
+    dataset = load_run_dataset(cfg)
     per_seed = []
     for seed in cfg.train.seeds:
         best = run_dir / "checkpoints" / f"seed{seed}" / "best.safetensors"
