@@ -78,9 +78,16 @@ def test_benchmark_measures_both_sides_and_writes_its_tables(runs):
     assert r["ratio_llm_over_tpad"] == pytest.approx(m["median_s"] / (d["median_ms"] / 1000))
     assert r["downstream_features"] == ["tpad_image", "tpad_text"] and not r["notes"]
     md = Path(f"{prefix}.md").read_text()
-    assert "--llm-sessions 1" in md and "No KV cache" in md and "| 90 | tiny (2) | 1 |" in md
+    assert "--llm-sessions 1" in md and "has no KV cache" in md and "| 90 | tiny (2) | 1 |" in md
     js = json.loads(Path(f"{prefix}.json").read_text())
     assert js["llm"]["kv_cache_of_session_prefix"] is False and js["session_rows"] == r["session_rows"]
+    # the KV-cached scorer: same scores, fewer tokens through the LM per candidate, its own ratios
+    k = js["llm_kv"]
+    assert k["kv_cache_of_session_prefix"] is True and k["scores_per_session"] == 90
+    assert js["kv_max_abs_score_diff"] < 1e-4 and k["mean_prefix_tokens"] > 0
+    assert k["mean_prompt_tokens"] < m["mean_prompt_tokens"]
+    assert r["ratio_llm_kv_over_tpad"] == pytest.approx(k["median_s"] / (d["median_ms"] / 1000))
+    assert "KV-cached" in md
 
 
 def test_llm_scorer_scores_every_item_independently_of_the_batch(runs):
@@ -98,6 +105,12 @@ def test_llm_scorer_scores_every_item_independently_of_the_batch(runs):
     order = bench.embedding_order(mm, texts, has_image)
     b = bench.llm_session_scores(mm, ds, texts, image, has_image, session, batch_size=7, order=order)
     assert torch.allclose(a[1:], b[1:], atol=1e-4)
+    # the session-prefix KV cache gives the same scores, running fewer tokens through the LM
+    kv_stats: dict = {}
+    k = bench.llm_session_scores(mm, ds, texts, image, has_image, session, batch_size=7, order=order, kv_cache=True,
+                                 stats=kv_stats)
+    assert torch.allclose(a[1:], k[1:], atol=1e-4)
+    assert kv_stats["prefix_tokens"] > 10 and kv_stats["tokens"] < stats["tokens"]
     # the session matters: another context gives other scores
     c = bench.llm_session_scores(mm, ds, texts, image, has_image, ds.test.histories[5], batch_size=32)
     assert not torch.allclose(a[1:], c[1:])
