@@ -8,8 +8,8 @@ reused, so a rerun after a kill continues):
 
 * TPAD: ``configs/tpad/<short>.yaml`` (``short`` = the dataset name without ``amazon2018-``), and its ablations:
   ``na`` (gamma1 = gamma2 = 0), ``no_club`` (gamma1 = 0), ``no_mine`` (gamma2 = 0), ``no_image``, ``no_text``,
-  ``single`` (one tower). Variants that share finished stages with the full run start from a copy of them (the
-  stage keys decide what is reusable; a stage whose key differs is trained again).
+  ``single`` (one tower), ``no_lt`` (no L^t). Variants that share finished stages with the full run start from a
+  copy of them (the stage keys decide what is reusable; a stage whose key differs is trained again).
 * Downstream, each with every seed: the dataset's own configs (``configs/<dataset>/{sasrec,gru4rec,srgnn,sknn,
   fused_sasrec,fused_gru4rec,dimo}.yaml`` where they exist; ``dimo`` and the fused models there use the shipped CLIP
   features), and
@@ -49,6 +49,7 @@ ABLATIONS = {
     "no_image": ["use_image=false"],
     "no_text": ["use_text=false"],
     "single": ["towers=single"],
+    "no_lt": ["text_view=null"],  # stage 1 without L^t (the text-view contrastive term)
 }
 REUSE = ["knowledge/final", "transfer/final", "align/transfer_states.safetensors"]
 COLD_MAX = 4
