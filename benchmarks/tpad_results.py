@@ -12,7 +12,7 @@ reused, so a rerun after a kill continues):
   copy of them (the stage keys decide what is reusable; a stage whose key differs is trained again).
 * Downstream, each with every seed: the dataset's own configs (``configs/<dataset>/{sasrec,gru4rec,srgnn,sknn,
   fused_sasrec,fused_gru4rec,dimo}.yaml`` where they exist; ``dimo`` and the fused models there use the shipped CLIP
-  features), and
+  features on scientific-mm and MiniLM text features on scientific-text), and
   ``dimo`` on each TPAD variant's embeddings, and ``fused_sasrec`` + ``fused_gru4rec`` on the full run's (features
   ``tpad_image``, ``tpad_text``).
 
@@ -41,6 +41,7 @@ from distillrec.data.loaders import load_dataset  # noqa: E402
 from distillrec.evaluation.metrics import mean_ci, metrics_from_ranks, paired_test  # noqa: E402
 from distillrec.evaluation.report import load_run, run_test_ranks  # noqa: E402
 
+# the longest job first, so that two workers finish close together
 BASELINES = ["srgnn", "sknn", "gru4rec", "sasrec", "fused_sasrec", "fused_gru4rec", "dimo"]
 ABLATIONS = {
     "na": ["align.gamma1=0", "align.gamma2=0"],

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from ..data.batching import causal_batch, causal_windows, example_batch, length_bucketed_batches
 from ..data.dataset import Dataset
 from ..data.loaders import load_dataset
-from ..features.cache import encode_missing_features
 from ..evaluation.evaluator import rank_examples, summarise
 from ..evaluation.metrics import aggregate_seeds
 from ..evaluation.report import plot_curves, render_run_report
+from ..features.cache import encode_missing_features
 from ..models import Recommender, build_model
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .config import RunConfig, dump_config
