@@ -220,7 +220,7 @@ def our_worker(spec_path: str) -> None:
     from distillrec.evaluation.metrics import metrics_from_ranks
     from distillrec.models import build_model
     from distillrec.training.checkpoint import load_checkpoint
-    from distillrec.training.config import load_config
+    from distillrec.runs import load_config
     from distillrec.training.trainer import peak_rss_mb, run
 
     torch.set_num_threads(spec["threads"])
@@ -392,44 +392,44 @@ def summarise_pair(ds: str, model: str, ours: dict[str, Any], rb: dict[str, Any]
             "split_match": rb["split_match"]}
 
 
-def _f(x: float | None, d: int = 4) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
-
-
 def _mark(ok: bool) -> str:
     return "ok" if ok else "MISS"
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
+    from distillrec.evaluation.report import fmt_number, markdown_table
+
     head = ["dataset", "model", "ours NDCG@10 ± se", "RecBole NDCG@10 ± se", "NDCG ratio (≥1 in CI)",
             "ours HR@10 ± se", "RecBole HR@10 ± se", "HR ratio (≥1 in CI)",
             "s/epoch ours", "s/epoch RecBole", "ratio (≤0.33)", "eval s ours", "eval s RecBole", "ratio (≤0.33)",
             "RSS MB ours", "RSS MB RecBole", "ratio (≤0.5)", "epochs (best) ours / RecBole", "steps/epoch",
             "split"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for r in rows:
         q, c = r["quality"], r["cost"]
         nd, hr = q["ndcg@10"], q["hr@10"]
         cells = [
             r["dataset"], r["model"],
-            f"{_f(nd['ours'])} ± {_f(nd['se_ours'])}", f"{_f(nd['recbole'])} ± {_f(nd['se_recbole'])}",
-            f"{_f(nd['ratio'], 2)} {_mark(nd['ok'])}",
-            f"{_f(hr['ours'])} ± {_f(hr['se_ours'])}", f"{_f(hr['recbole'])} ± {_f(hr['se_recbole'])}",
-            f"{_f(hr['ratio'], 2)} {_mark(hr['ok'])}",
-            _f(c["epoch_s"]["ours"], 2), _f(c["epoch_s"]["recbole"], 1),
-            f"{_f(c['epoch_s']['ratio'], 3)} {_mark(c['epoch_s']['ok'])}",
-            _f(c["eval_s"]["ours"], 2), _f(c["eval_s"]["recbole"], 2),
-            f"{_f(c['eval_s']['ratio'], 2)} {_mark(c['eval_s']['ok'])}",
-            _f(c["peak_rss_mb"]["ours"], 0), _f(c["peak_rss_mb"]["recbole"], 0),
-            f"{_f(c['peak_rss_mb']['ratio'], 2)} {_mark(c['peak_rss_mb']['ok'])}",
+            f"{fmt_number(nd['ours'])} ± {fmt_number(nd['se_ours'])}",
+            f"{fmt_number(nd['recbole'])} ± {fmt_number(nd['se_recbole'])}",
+            f"{fmt_number(nd['ratio'], 2)} {_mark(nd['ok'])}",
+            f"{fmt_number(hr['ours'])} ± {fmt_number(hr['se_ours'])}",
+            f"{fmt_number(hr['recbole'])} ± {fmt_number(hr['se_recbole'])}",
+            f"{fmt_number(hr['ratio'], 2)} {_mark(hr['ok'])}",
+            fmt_number(c["epoch_s"]["ours"], 2), fmt_number(c["epoch_s"]["recbole"], 1),
+            f"{fmt_number(c['epoch_s']['ratio'], 3)} {_mark(c['epoch_s']['ok'])}",
+            fmt_number(c["eval_s"]["ours"], 2), fmt_number(c["eval_s"]["recbole"], 2),
+            f"{fmt_number(c['eval_s']['ratio'], 2)} {_mark(c['eval_s']['ok'])}",
+            fmt_number(c["peak_rss_mb"]["ours"], 0), fmt_number(c["peak_rss_mb"]["recbole"], 0),
+            f"{fmt_number(c['peak_rss_mb']['ratio'], 2)} {_mark(c['peak_rss_mb']['ok'])}",
             f"{r['epochs']['ours']} ({r['best_epoch']['ours']}) / "
             f"{r['epochs']['recbole']} ({r['best_epoch']['recbole']})",
             f"{r['steps_per_epoch']['ours']} / {r['steps_per_epoch']['recbole']}",
             "same" if r["split_match"]["ok"] else
             f"DIFFERS ({r['split_match']['identical_valid_and_test_items']}/{r['split_match']['users_recbole']})",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown_table(head, table)
 
 
 def render_notes(result: dict[str, Any]) -> str:

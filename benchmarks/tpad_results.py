@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from distillrec.data.loaders import load_dataset  # noqa: E402
 from distillrec.evaluation.metrics import mean_ci, metrics_from_ranks, paired_test  # noqa: E402
-from distillrec.evaluation.report import load_run, run_test_ranks  # noqa: E402
+from distillrec.evaluation.report import MISSING, fmt_number, markdown_table  # noqa: E402
+from distillrec.runs import RunFolder  # noqa: E402
 
 # the longest job first, so that two workers finish close together
 BASELINES = ["srgnn", "sknn", "gru4rec", "sasrec", "fused_sasrec", "fused_gru4rec", "dimo"]
@@ -114,8 +115,9 @@ def run_jobs(jobs: list[dict], workers: int, out: Path) -> None:
 
 
 def per_user(run_dir: Path, metric: str) -> np.ndarray:
-    r = load_run(run_dir)
-    return np.mean([metrics_from_ranks(run_test_ranks(run_dir, s["seed"]), (10,))[metric] for s in r["seeds"]], 0)
+    f = RunFolder(run_dir)
+    seeds = [s["seed"] for s in f.read_metrics()["seeds"]]
+    return np.mean([metrics_from_ranks(f.read_ranks("test", s), (10,))[metric] for s in seeds], 0)
 
 
 def table(out: Path, names: list[str], dataset: str) -> str:
@@ -124,43 +126,47 @@ def table(out: Path, names: list[str], dataset: str) -> str:
     for seq in ds.train:
         np.add.at(counts, seq, 1)
     cold = counts[np.asarray(ds.test.targets)] <= COLD_MAX
-    runs = {n: load_run(out / "runs" / n) for n in names}
+    runs = {n: RunFolder(out / "runs" / n).read_metrics() for n in names}
     valid = {n: runs[n]["valid"]["ndcg@10"] for n in names}
     best = max((n for n in names if "tpad" not in n), key=lambda n: valid[n])
     base = per_user(out / "runs" / best, "ndcg@10")
-    lines = [f"Best non-TPAD model on validation NDCG@10: **{best}**. Cold targets: {int(cold.sum())} of {len(cold)} "
-             f"test users (target seen <= {COLD_MAX} times in training).", "",
-             "| run | seeds | valid NDCG@10 | test HR@10 | test NDCG@10 | cold NDCG@10 | Δ vs best | p (t) | p (Wilcoxon) "
-             "| Δ cold | p cold (t) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    pm = lambda m: f"{fmt_number(m['mean'])} ± {fmt_number(m['ci95'])}"  # noqa: E731
+    rows = []
     for n in names:
         r = runs[n]
         per_seed = [s for s in r["seeds"]]
         ndcg = mean_ci([s["test"]["ndcg@10"] for s in per_seed])
         hr = mean_ci([s["test"]["hr@10"] for s in per_seed])
         a = per_user(out / "runs" / n, "ndcg@10")
-        cold_seeds = [metrics_from_ranks(run_test_ranks(out / "runs" / n, s["seed"]), (10,))["ndcg@10"][cold].mean()
+        folder = RunFolder(out / "runs" / n)
+        cold_seeds = [metrics_from_ranks(folder.read_ranks("test", s["seed"]), (10,))["ndcg@10"][cold].mean()
                       for s in per_seed]
         c = mean_ci(cold_seeds)
-        row = (f"| {n} | {len(per_seed)} | {valid[n]:.4f} | {hr['mean']:.4f} ± {hr['ci95']:.4f} | "
-               f"{ndcg['mean']:.4f} ± {ndcg['ci95']:.4f} | {c['mean']:.4f} ± {c['ci95']:.4f} |")
+        row = [n, len(per_seed), fmt_number(valid[n]), pm(hr), pm(ndcg), pm(c)]
         if n == best:
-            lines.append(row + " – | – | – | – | – |")
+            rows.append(row + [MISSING] * 5)
             continue
         t = paired_test(a, base)
         tc = paired_test(a[cold], base[cold])
-        lines.append(row + f" {t.mean_diff:+.4f} | {t.t_pvalue:.3g} | {t.wilcoxon_pvalue:.3g} | {tc.mean_diff:+.4f} | "
-                     f"{tc.t_pvalue:.3g} |")
-    lines += ["", "Each TPAD run against the same model on the dataset's own features (paired, per test user):", "",
-              "| run | vs | Δ test NDCG@10 | p (t) | p (Wilcoxon) | Δ cold | p cold (t) |", "|---|---|---|---|---|---|---|"]
+        rows.append(row + [f"{t.mean_diff:+.4f}", f"{t.t_pvalue:.3g}", f"{t.wilcoxon_pvalue:.3g}",
+                           f"{tc.mean_diff:+.4f}", f"{tc.t_pvalue:.3g}"])
+    pairs = []
     for n in names:
         raw = n.split("_tpad")[0]
         if "_tpad" not in n or raw not in runs:
             continue
         a, b = per_user(out / "runs" / n, "ndcg@10"), per_user(out / "runs" / raw, "ndcg@10")
         t, tc = paired_test(a, b), paired_test(a[cold], b[cold])
-        lines.append(f"| {n} | {raw} | {t.mean_diff:+.4f} | {t.t_pvalue:.3g} | {t.wilcoxon_pvalue:.3g} | "
-                     f"{tc.mean_diff:+.4f} | {tc.t_pvalue:.3g} |")
-    return "\n".join(lines) + "\n"
+        pairs.append([n, raw, f"{t.mean_diff:+.4f}", f"{t.t_pvalue:.3g}", f"{t.wilcoxon_pvalue:.3g}",
+                      f"{tc.mean_diff:+.4f}", f"{tc.t_pvalue:.3g}"])
+    return "\n".join([
+        f"Best non-TPAD model on validation NDCG@10: **{best}**. Cold targets: {int(cold.sum())} of {len(cold)} "
+        f"test users (target seen <= {COLD_MAX} times in training).", "",
+        markdown_table(["run", "seeds", "valid NDCG@10", "test HR@10", "test NDCG@10", "cold NDCG@10", "Δ vs best",
+                        "p (t)", "p (Wilcoxon)", "Δ cold", "p cold (t)"], rows), "",
+        "Each TPAD run against the same model on the dataset's own features (paired, per test user):", "",
+        markdown_table(["run", "vs", "Δ test NDCG@10", "p (t)", "p (Wilcoxon)", "Δ cold", "p cold (t)"], pairs),
+    ]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> str:

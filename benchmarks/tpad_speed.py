@@ -72,22 +72,23 @@ def load_tpad(tpad_run: Path, device: str):
     """``(tpad config, dataset, MultimodalLM (eval), texts, image matrix or None, has_image or None)`` of a finished
     TPAD run: the model is built exactly as ``embed_with_knowledge_tower`` builds it for ``distillrec embed``."""
     from distillrec.data.loaders import load_dataset
-    from distillrec.training.embed import EmbedConfig, build_model, effective_multimodal_config, item_image_matrix
-    from distillrec.training.tpad import TPADConfig
+    from distillrec.features.cache import item_feature_matrix
+    from distillrec.methods.tpad.config import TPADConfig
+    from distillrec.training.embed import EmbedConfig, build_model, effective_multimodal_config
 
     cfg = TPADConfig(**json.loads((tpad_run / "config.json").read_text()))
     model_dir = tpad_run / "model"
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{model_dir} not found: {tpad_run} is not a finished `distillrec tpad` run")
-    ecfg = EmbedConfig(dataset=cfg.dataset, lm=cfg.lm.model_copy(update={"device": device}), pretrained=str(model_dir),
-                       adapter=KNOWLEDGE, image_features=cfg.image_features if cfg.use_image else None,
+    ecfg = EmbedConfig(dataset=cfg.dataset, lm=cfg.lm, device=device, pretrained=str(model_dir), adapter=KNOWLEDGE,
+                       image_features=cfg.image_features if cfg.use_image else None,
                        text_fields=cfg.text_fields if cfg.use_text else [], batch_size=cfg.embed_batch_size,
                        progress=False)
     ds = load_dataset(cfg.dataset)
     items = ds.items
     n = items.n_items
     texts = [""] + [items.item_text(i, ecfg.text_fields) if ecfg.text_fields != [] else "" for i in range(1, n + 1)]
-    image = item_image_matrix(ecfg.image_features, items, False)
+    image = item_feature_matrix(ecfg.image_features, items, False)
     has_image = None if image is None else np.asarray(image.any(-1))
     mm = build_model(ecfg, effective_multimodal_config(ecfg, None if image is None else int(image.shape[1])))
     return cfg, ds, mm, texts, image, has_image
@@ -131,15 +132,6 @@ def time_embedding(mm, texts, image, has_image, order: np.ndarray, batch_size: i
 
 
 # ---------------------------------------------------------------------------------------------- 3. the LLM scorer
-def yes_no_ids(tokenizer) -> tuple[int, int]:
-    """First token of "yes" and of "no" (the answer starts right after the prompt's newline / assistant turn)."""
-    yes = tokenizer("yes", add_special_tokens=False)["input_ids"]
-    no = tokenizer("no", add_special_tokens=False)["input_ids"]
-    if not yes or not no or yes[0] == no[0]:
-        raise ValueError(f"cannot tell 'yes' from 'no' with this tokenizer (ids {yes} / {no})")
-    return yes[0], no[0]
-
-
 def session_names(ds, session: np.ndarray, context_items: int, texts: list[str]) -> list[str]:
     """Titles of the session's last ``context_items`` items (the first 60 characters of the item text without a
     title field), oldest first."""
@@ -155,14 +147,6 @@ def candidate_prompts(mm, names: list[str], texts: list[str], candidates: np.nda
     return [mm.item_prompt(texts[i], instruction) + "\n" + QUESTION for i in candidates]
 
 
-def _shared_prefix(ids: torch.Tensor, attn: torch.Tensor, ref: torch.Tensor) -> int:
-    """Length of the token prefix that every row of a right-padded batch shares with ``ref`` (soft image slots,
-    id < 0, never count: their embeddings differ per item), leaving each row at least one token of its own."""
-    n = min(ref.shape[0], ids.shape[1])
-    same = (ids[:, :n] == ref[:n]).all(0) & attn[:, :n].bool().all(0) & (ref[:n] >= 0)
-    return min(int(same.long().cumprod(0).sum()), int(attn.sum(1).min()) - 1)
-
-
 @torch.inference_mode()
 def llm_session_scores(mm, ds, texts: list[str], image: np.ndarray | None, has_image: np.ndarray | None,
                        session: np.ndarray, *, context_items: int = 5, batch_size: int = 32,
@@ -175,52 +159,16 @@ def llm_session_scores(mm, ds, texts: list[str], image: np.ndarray | None, has_i
     key/value cache is reused by every batch, which then runs only its candidates' own tokens (the same scores up to
     float rounding). ``stats``, when given, receives ``tokens`` (prompt tokens run through the LM, all candidates),
     ``candidates`` and ``prefix_tokens`` (0 without the cache)."""
-    import copy
+    from distillrec.llm.scoring import score_yes_no
 
     n = len(texts) - 1
     order = np.arange(1, n + 1) if order is None else np.asarray(order)
-    yes, no = yes_no_ids(mm.tokenizer)
     names = session_names(ds, session, context_items, texts)
-    head = mm.lm.get_output_embeddings()
-    dec = mm._decoder()
+    img, mask = _image_batch(image, has_image, order)
     scores = torch.full((n + 1,), -torch.inf)
-    tokens = 0
-    prefix_ids, prefix_cache, P = None, None, 0
-    with mm.adapter_scope(adapter):
-        for s in range(0, len(order), batch_size):
-            b = order[s:s + batch_size]
-            img, mask = _image_batch(image, has_image, b)
-            enc = mm.encode(candidate_prompts(mm, names, texts, b), [None] * len(b) if img is None else img, mask,
-                            padding_side="right" if kv_cache else "left")
-            emb, attn, pos = enc["inputs_embeds"], enc["attention_mask"], enc["position_ids"]
-            if not kv_cache:
-                h = dec(inputs_embeds=emb, attention_mask=attn, position_ids=pos,
-                        use_cache=False).last_hidden_state[:, -1]
-                tokens += int(attn.sum())
-            else:
-                ids = enc["input_ids"]
-                if prefix_cache is None:
-                    P = _shared_prefix(ids, attn, ids[0])
-                    prefix_ids = ids[0, :P]
-                    prefix_cache = dec(inputs_embeds=emb[:1, :P], attention_mask=attn[:1, :P],
-                                       position_ids=pos[:1, :P], use_cache=True).past_key_values
-                    tokens += P
-                else:
-                    shared = _shared_prefix(ids, attn, prefix_ids)
-                    if shared < P:  # this batch shares less of the prefix than the first did: cut the cache back
-                        prefix_cache.crop(shared)
-                        P, prefix_ids = shared, prefix_ids[:shared]
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(b))
-                out = dec(inputs_embeds=emb[:, P:], attention_mask=attn, position_ids=pos[:, P:],
-                          past_key_values=cache, use_cache=True).last_hidden_state
-                last = attn.sum(1) - 1 - P
-                h = out[torch.arange(len(b)), last]
-                tokens += int(attn[:, P:].sum())
-            logits = head(h).float()
-            scores[torch.from_numpy(b)] = (logits[:, yes] - logits[:, no]).cpu()
-    if stats is not None:
-        stats.update(tokens=tokens, candidates=len(order), prefix_tokens=P)
+    scores[torch.from_numpy(order)] = score_yes_no(mm, candidate_prompts(mm, names, texts, order), img, mask,
+                                                   adapter=adapter, batch_size=batch_size, kv_cache=kv_cache,
+                                                   stats=stats)
     return scores
 
 

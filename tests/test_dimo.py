@@ -331,7 +331,7 @@ def test_checkpoint_roundtrip_after_refit(tmp_path):
 
 
 def test_one_epoch_through_the_trainer(tmp_path):
-    from distillrec.training.config import load_config
+    from distillrec.runs import load_config
     from distillrec.training.trainer import run
 
     params = SMALL | {"features": ["attributes_onehot"], "co_items_per_batch": 64}

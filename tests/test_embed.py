@@ -27,7 +27,7 @@ from distillrec.training.embed import (  # noqa: E402
     prompt_lengths,
     shard_path,
 )
-from distillrec.training.config import ConfigError  # noqa: E402
+from distillrec.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -384,3 +384,178 @@ def test_export_session_dataset(tmp_path):
     seqs = read_recbole_inter(info["inter"])
     assert seqs["train-0"] == ["1", "2", "3"] and seqs["valid-1"] == ["5", "6", "7"]
     assert seqs["test-1"] == ["1", "3", "7"] and "test-0" not in seqs
+
+
+# ------------------------------------------------------------------------------------------------ the row helper
+
+def test_io_rows_numbering_blank_lines_and_decoding(tmp_path):
+    from distillrec.data.dataset import LoadReport
+    from distillrec.data.loaders._io import TextRows, iter_lines
+
+    p = tmp_path / "a.tsv"
+    p.write_bytes("\ufeffh1\th2\r\n1\t2\r\n\n  \n3\t4\n".encode())
+    report = LoadReport()
+    rows = TextRows(p, "\t", header=True, report=report)
+    assert rows.header_line == "h1\th2" and rows.columns(["h1", "h2"]) == {"h1": 0, "h2": 1}
+    assert list(rows) == [(2, ["1", "2"]), (5, ["3", "4"])]
+    assert report.skipped == {"blank lines in a.tsv (ignored)": 2}
+    with gzip.open(tmp_path / "b.tsv.gz", "wb") as f:
+        f.write(b"x y\n\nz\n")
+    assert list(TextRows(tmp_path / "b.tsv.gz", None)) == [(1, ["x", "y"]), (3, ["z"])]
+    assert [n for n, _ in iter_lines(tmp_path / "b.tsv.gz", skip_blank=False)] == [1, 2, 3]
+    (tmp_path / "c.txt").write_bytes(b"ok\nok\nbad \xff byte\n")
+    with pytest.raises(DataError, match=r"c\.txt, line 3: not valid UTF-8"):
+        list(iter_lines(tmp_path / "c.txt"))
+    (tmp_path / "d.txt").write_bytes(b"\n \n")
+    with pytest.raises(DataError, match=r"d\.txt: the file is empty"):
+        TextRows(tmp_path / "d.txt", header=True)
+
+
+def test_blank_lines_are_counted_in_the_report(tmp_path):
+    _recbole(tmp_path, "\n")
+    ds = load_dataset({"name": "x", "format": "recbole_atomic", "path": str(tmp_path), "options": {"feature_dim": 2}})
+    assert ds.report.skipped["blank lines in S.train.inter (ignored)"] == 1
+    assert [s.tolist() for s in ds.train] == [[1, 2, 3], [4, 1]]
+
+
+# ------------------------------------------------------------------------------------------------ loader options
+
+def test_mistyped_loader_option_names_it_and_lists_the_valid_ones(tmp_path):
+    from distillrec.data.loaders import validate_loader_options
+
+    _write(tmp_path / "Toy.txt", "1 1 2 3\n")
+    with pytest.raises(DataError, match=r"option 'stemm' is not an option of format 's3rec'; did you mean 'stem'\? "
+                                        r"the options of 's3rec' are: stem \(default None\), meta"):
+        load_dataset({"name": "toy", "format": "s3rec", "path": str(tmp_path), "options": {"stemm": "Toy"}})
+    # at config-read time, by known name or by format, before anything is read
+    with pytest.raises(DataError, match=r"'stemm'.*stem \(default None\)"):
+        validate_loader_options("amazon2014-beauty", {"stemm": "Beauty"})
+    with pytest.raises(DataError, match=r"option valid_fraction='a lot' of format 'session_tsv': expected a number"):
+        validate_loader_options("session_tsv", {"valid_fraction": "a lot"})
+    with pytest.raises(DataError, match=r"option 'path': give the path as dataset\.path"):
+        validate_loader_options("s3rec", {"path": "x"})
+    with pytest.raises(DataError, match=r"'nope' is not a known name or format; known names: .*formats: "):
+        validate_loader_options("nope", {})
+    assert validate_loader_options("amazon2014-beauty", {"stem": "Beauty", "item2attributes": False}) is None
+    assert validate_loader_options("session_tsv", {"valid_fraction": 0, "augmented": "auto"}) is None
+
+
+# ------------------------------------------------------------------------------------------------ item2attributes
+
+def test_s3rec_item2attributes_become_a_multi_hot_feature(tmp_path):
+    _write(tmp_path / "Toy.txt", "1 1 2 3 4\n2 2 3 1\n")
+    _write(tmp_path / "Toy_item2attributes.json", '{"1": [10, 20], "2": [20, 20], "3": [50], "9": [10]}')
+    ds = load_dataset({"name": "toy", "format": "s3rec", "path": str(tmp_path)})
+    f = ds.items.features["attributes_onehot"]
+    assert f.dtype == np.float32 and f.shape == (5, 3)  # padding row + 4 items; attribute ids 10, 20, 50
+    assert f.tolist() == [[0, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]]
+    assert ds.report.skipped["Toy_item2attributes.json: attribute entries for item ids not in any sequence "
+                             "(ignored)"] == 1
+    assert any("attributes_onehot" in n and "3 of 4 items" in n for n in ds.report.notes)
+    off = load_dataset({"name": "toy", "format": "s3rec", "path": str(tmp_path),
+                        "options": {"item2attributes": False}})
+    assert "attributes_onehot" not in off.items.features
+    _write(tmp_path / "Toy_item2attributes.json", '{"1": [10],\n "2": [20,]}')
+    with pytest.raises(DataError, match=r"Toy_item2attributes\.json, line 2: not valid JSON"):
+        load_dataset({"name": "toy", "format": "s3rec", "path": str(tmp_path)})
+    _write(tmp_path / "Toy_item2attributes.json", '{"1": [10, "red"]}')
+    with pytest.raises(DataError, match=r"Toy_item2attributes\.json: item '1': attribute 'red' is not an integer"):
+        load_dataset({"name": "toy", "format": "s3rec", "path": str(tmp_path)})
+
+
+def test_real_beauty_item2attributes():
+    import json
+
+    ds = _real("amazon2014-beauty")
+    raw = json.loads((data_root() / "amazon2014-beauty" / "Beauty_item2attributes.json").read_text())
+    f = ds.items.features["attributes_onehot"]
+    assert f.shape == (12102, 637) and not f[0].any()
+    for k in (1, 4, 12101):  # S3-Rec attribute ids 1..637: column j - 1 = attribute j
+        assert np.flatnonzero(f[k]).tolist() == sorted(a - 1 for a in set(raw[str(k)]))
+
+
+# ------------------------------------------------------------------------------------------------ huge / negative ids
+
+class _capped_memory:
+    """Cap the address space at its current size + 1 GiB (Linux), so a loader that allocates by id fails fast."""
+
+    def __enter__(self):
+        self.old = None
+        try:
+            import resource
+
+            pages = int(Path("/proc/self/statm").read_text().split()[0])
+            self.old = resource.getrlimit(resource.RLIMIT_AS)
+            resource.setrlimit(resource.RLIMIT_AS, (pages * resource.getpagesize() + 2**30, self.old[1]))
+        except (ImportError, OSError, ValueError):
+            self.old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, self.old)
+
+
+HUGE = 9_999_999_999
+
+
+def test_huge_or_negative_index_in_atomic_file(tmp_path):
+    _recbole(tmp_path)
+    for name in ("S.item2index", "S.user2index", "S.text", "S.feat1CLS"):
+        (tmp_path / name).unlink()
+    h = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    train = tmp_path / "S.train.inter"
+    train.write_text(h + "0\t0 1\t2\n0\t0\t1\n1\t3\t" + str(HUGE) + "\n")
+    with _capped_memory(), pytest.raises(DataError, match=rf"S\.train\.inter, line 4: item index {HUGE} is far "
+                                                          r"beyond the \d+ distinct ids"):
+        load_dataset({"name": "x", "format": "recbole_atomic", "path": str(tmp_path)})
+    train.write_text(h + "0\t0 1\t2\n0\t0 -1\t1\n")
+    with pytest.raises(DataError, match=r"S\.train\.inter, line 3: item index -1 is negative"):
+        load_dataset({"name": "x", "format": "recbole_atomic", "path": str(tmp_path)})
+    train.write_text(h + "0\t0 1\t2\n0\t0\t1\n1\t3\t0\n")  # valid again: indices are the items
+    ds = load_dataset({"name": "x", "format": "recbole_atomic", "path": str(tmp_path)})
+    assert ds.items.ids == ["0", "1", "2", "3"] and ds.train[0].tolist() == [1, 2, 3]
+
+
+def test_item2index_error_names_the_line(tmp_path):
+    _recbole(tmp_path)
+    _write(tmp_path / "S.item2index", "A\t0\nB\t7\nC\t2\nD\t3\n")
+    with pytest.raises(DataError, match=r"S\.item2index, line 2: index 7; the indices run 0\.\.7 for 4 rows"):
+        load_dataset({"name": "x", "format": "recbole_atomic", "path": str(tmp_path), "options": {"feature_dim": 2}})
+
+
+def test_huge_id_in_session_tsv_is_mapped_not_allocated(tmp_path):
+    _write(tmp_path / "toy_train.tsv", f"session_prefix\ttarget\n1 2\t3\n4\t{HUGE}\n2 3\t1\n5\t4\n")
+    _write(tmp_path / "toy_test.tsv", f"session_prefix\ttarget\n1\t{HUGE}\n")
+    with _capped_memory():
+        ds = load_dataset({"name": "t", "format": "session_tsv", "path": str(tmp_path),
+                           "options": {"valid_fraction": 0}})
+    assert ds.n_items == 6 and ds.items.ids == ["1", "2", "3", "4", "5", str(HUGE)]
+    assert [s.tolist() for s in ds.train] == [[1, 2, 3], [4, 6], [2, 3, 1], [5, 4]]
+    assert ds.test.targets.tolist() == [6]
+    assert any("sparse" in n and str(HUGE) in n for n in ds.report.notes)
+
+
+def test_huge_id_in_s3rec_file(tmp_path):
+    _write(tmp_path / "Toy.txt", f"1 1 2 3\n2 2 {HUGE} 1\n")
+    with _capped_memory(), pytest.raises(DataError, match=rf"Toy\.txt, line 2: item id {HUGE} is far beyond the 4 "
+                                                          r"distinct ids.*renumber"):
+        load_dataset({"name": "toy", "format": "s3rec", "path": str(tmp_path)})
+    _write(tmp_path / "Toy.txt", "1 1 2 3\n2 2 99999999999999999999 1\n")  # beyond int64
+    with pytest.raises(DataError, match=r"Toy\.txt, line 2: item list 99999999999999999999 is too large for an id"):
+        load_dataset({"name": "toy", "format": "s3rec", "path": str(tmp_path)})
+
+
+def test_id_beyond_int64_in_microlens(tmp_path):
+    _write(tmp_path / "ML_pairs.tsv", "u1\t10 20 30\nu2\t20 99999999999999999999 30\n")
+    with pytest.raises(DataError, match=r"ML_pairs\.tsv, line 2: item list 99999999999999999999 is too large"):
+        load_dataset({"name": "m", "format": "microlens", "path": str(tmp_path)})
+
+
+def test_s3rec_meta_short_row(tmp_path):
+    _write(tmp_path / "Toy.txt", "1 1 2 3\n")
+    _write(tmp_path / "toy_item_meta.tsv", "asin\titem_id\nA1\t1\nA2\n")
+    with pytest.raises(DataError, match=r"toy_item_meta\.tsv, line 3: 1 tab-separated column\(s\)"):
+        load_dataset({"name": "toy", "format": "s3rec", "path": str(tmp_path)})

@@ -92,3 +92,16 @@ def test_ml100k_split_equals_recbole_for_all_943_users():
     # RecBole's test history length counts at most MAX_ITEM_LIST_LENGTH items
     assert all(min(ours[u][3], 50) == ref[u][3] for u in ref)
     assert ds.n_items == 1682 and sum(len(s) for s in ds.train) + 2 * 943 == 100_000
+
+
+def test_mistyped_option_and_blank_lines(tmp_path):
+    from distillrec.data.dataset import DataError
+
+    f = tmp_path / "toy.inter"
+    f.write_text("user_id:token\titem_id:token\ttimestamp:float\n" "a\tx\t1\n\n" "a\ty\t2\n" "a\tz\t3\n")
+    with pytest.raises(DataError, match=r"'normalise' is not an option of format 'recbole_inter'; did you mean "
+                                        r"'normalize'\? .*stem \(default None\), normalize \(default True\)"):
+        load_dataset({"name": "toy", "format": "recbole_inter", "path": str(f), "options": {"normalise": False}})
+    ds = load_dataset({"name": "toy", "format": "recbole_inter", "path": str(f), "options": {"normalize": False}})
+    assert ds.report.skipped == {"blank lines in toy.inter (ignored)": 1}
+    assert [ds.items.ids[i - 1] for i in ds.test.histories[0]] == ["x", "y"]

@@ -20,7 +20,8 @@ from distillrec.methods.tpad.model import (  # noqa: E402
     contrastive_loss,
     meta_pairs,
 )
-from distillrec.training import tpad  # noqa: E402
+from distillrec.methods.tpad import pipeline as tpad  # noqa: E402
+from distillrec.methods.tpad.config import TPADConfig  # noqa: E402
 
 DEMO = {"name": "demo", "options": {"n_items": 90, "n_users": 160, "write_images": False}}
 
@@ -52,7 +53,7 @@ def tiny_cfg(out, **kw_):
             base[k] = {**base[k], **v}
         else:
             base[k] = v
-    return tpad.TPADConfig(**base)
+    return TPADConfig(**base)
 
 
 # ------------------------------------------------------------------------------------------------------- keywords

@@ -13,8 +13,9 @@ import torch
 
 pytest.importorskip("peft")
 
-from distillrec.training import tpad  # noqa: E402
-from distillrec.training.config import load_config  # noqa: E402
+from distillrec.methods.tpad import pipeline as tpad  # noqa: E402
+from distillrec.methods.tpad.config import TPADConfig  # noqa: E402
+from distillrec.runs import load_config  # noqa: E402
 from distillrec.training.trainer import run  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "tpad_speed.py"
@@ -32,9 +33,10 @@ def _bench():
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tpad_speed")
     out = root / "tpad"
-    cfg = tpad.TPADConfig(**{
+    cfg = TPADConfig(**{
         "dataset": DEMO,
-        "lm": {"name": "tiny", "seed": 0, "device": "cpu"},
+        "lm": {"name": "tiny", "seed": 0},
+        "device": "cpu",
         "multimodal": {"connector": "mlp"},
         "image_features": "attributes_onehot",
         "text_fields": ["title", "category"],

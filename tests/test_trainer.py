@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from distillrec.training.checkpoint import load_checkpoint, read_state, save_checkpoint
-from distillrec.training.config import ConfigError, load_config
-from distillrec.training.trainer import evaluate_run, run
+from distillrec.errors import ConfigError
+from distillrec.runs import evaluate_run, load_config
+from distillrec.training.trainer import run
 
 from conftest import TINY_DEMO
 
@@ -163,6 +164,7 @@ def test_a_model_naming_the_default_encoder_features_gets_them_computed(tmp_path
     assert 0 <= m["test"]["ndcg@10"] <= 1
     again = evaluate_run(tmp_path / "f")  # evaluation reloads the data and computes (from the cache) the same feature
     assert again["test"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-9)
-    # a feature no encoder provides stays an error that names what exists
-    with pytest.raises(ValueError, match="no item feature 'text_other'.*available features"):
+    # a feature no encoder provides stays an error that names what exists, raised before the run folder exists
+    with pytest.raises(ConfigError, match=r"unknown feature\(s\) \['text_other'\].*it has \['attributes_onehot'"):
         run(load_config(_cfg(model="fused_sasrec", params={"features": ["text_other"]}, epochs=1)), tmp_path / "g")
+    assert not (tmp_path / "g").exists()

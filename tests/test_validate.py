@@ -97,3 +97,62 @@ def test_inspect_real_known_name():
     assert rep["errors"] == 0
     assert rep["statistics"]["features"] == {"text_clip": [1586, 512], "image_clip": [1586, 512]}
     assert "text_clip" in format_report(rep)
+
+
+# ------------------------------------------------------------------------------------------------ loader options
+
+def _sessions(folder):
+    folder.mkdir(exist_ok=True)
+    (folder / "s_train.tsv").write_text("session_prefix\ttarget\n1\t2\n3 4\t5\n6\t7\n8 9\t1\n")
+    (folder / "s_test.tsv").write_text("session_prefix\ttarget\n1\t2\n")
+    return folder
+
+
+def test_parse_option_reads_yaml_scalars():
+    from distillrec.data.validate import parse_option
+    from distillrec.errors import ConfigError
+
+    assert parse_option("valid_fraction=0.5") == ("valid_fraction", 0.5)
+    assert parse_option("augmented=false") == ("augmented", False)
+    assert parse_option(" stem = Beauty") == ("stem", "Beauty")
+    assert parse_option("stem='2014'") == ("stem", "2014")
+    assert parse_option("valid_days=") == ("valid_days", None)
+    assert parse_option("meta=a=b.tsv") == ("meta", "a=b.tsv")
+    assert parse_option("file=[1, 2]") == ("file", "[1, 2]")
+    with pytest.raises(ConfigError, match=r"--option 'stem': expected key=value"):
+        parse_option("stem")
+
+
+def test_inspect_path_passes_loader_options(tmp_path):
+    folder = _sessions(tmp_path / "s")
+    assert inspect_path(folder)["statistics"]["valid_examples"] == 0  # 10% of 4 sessions rounds to 0
+    assert inspect_path(folder, options={"valid_fraction": 0.5})["statistics"]["valid_examples"] == 2
+    with pytest.raises(DataError, match=r"'valid_fractoin'.*did you mean 'valid_fraction'"):
+        inspect_path(folder, options={"valid_fractoin": 0.5})
+
+
+def test_cli_inspect_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from distillrec.cli import app
+
+    runner = CliRunner()
+    folder = _sessions(tmp_path / "s")
+    res = runner.invoke(app, ["data", "inspect", str(folder), "--option", "valid_fraction=0.5",
+                              "--option", "augmented=false"])
+    assert res.exit_code == 0, res.output
+    assert any(ln.split() == ["valid_examples", "2"] for ln in res.output.splitlines())
+    bad = runner.invoke(app, ["data", "inspect", str(folder), "--option", "prefx=s"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "'prefx'" in bad.output and "did you mean 'prefix'" in bad.output
+    assert "valid_fraction (default 0.1)" in bad.output
+    noval = runner.invoke(app, ["data", "inspect", str(folder), "--option", "prefix"])
+    assert noval.exit_code == 2 and "expected key=value" in noval.output
+    # S3-Rec: the item2attributes file is read unless the option turns it off
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "Toy.txt").write_text("1 1 2 3\n2 2 3 1 2\n")
+    (tmp_path / "t" / "Toy_item2attributes.json").write_text('{"1": [1], "2": [1, 2], "3": [2]}')
+    on = runner.invoke(app, ["data", "inspect", str(tmp_path / "t")])
+    assert on.exit_code == 0 and "'attributes_onehot': [4, 2]" in on.output, on.output
+    off = runner.invoke(app, ["data", "inspect", str(tmp_path / "t"), "--option", "item2attributes=false"])
+    assert off.exit_code == 0 and "attributes_onehot" not in off.output

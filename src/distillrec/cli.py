@@ -1,18 +1,25 @@
-"""The ``distillrec`` command line. Later issues extend it; existing commands and options keep working."""
+"""The ``distillrec`` command line. Every command answers a user's mistake (a bad config, path, option or data file)
+with exit code 2 and one line that names it and the fix (:class:`~distillrec.errors.UserError`), never a traceback.
+
+Long commands resume by default: rerunning ``train``, ``tpad``, ``align``, ``method`` or ``embed`` with the same
+config and folder continues where a killed run stopped and reuses what finished; ``--restart`` starts over, deleting
+only what that command writes, and only in a folder that is one of its runs.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .data.dataset import DataError
-from .training.config import ConfigError
+from .errors import ConfigError, DataError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLM-enhanced multimodal session recommendation.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, validate and export datasets.")
@@ -20,13 +27,39 @@ app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 
+# the errors a user can fix: their own data and configs, and paths they gave
+_USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
 
 def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    err_console.print(f"[red]error:[/red] {escape(one_line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
-@app.command()
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every command: a user error ends in one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as e:
+            if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e.strerror or ""):
+                _fail(f"{e.filename}: {e.strerror or e}")
+            _fail(str(e))
+
+    return wrapper
+
+
+def command(group: typer.Typer = app, name: str | None = None, **kw: Any) -> Callable:
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return group.command(name, **kw)(user_errors(fn))
+
+    return register
+
+
+@command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Output folder."),
     seed: list[int] = typer.Option([1, 2, 3], "--seed", help="Seed(s); repeat for several (mean ± 95% CI)."),
@@ -34,60 +67,48 @@ def quickstart(
     """Run the main job on the embedded demo shop and write a report."""
     from .quickstart import quickstart as run_quickstart
 
-    try:
-        run_quickstart(out, seeds=seed, console=console)
-    except (DataError, ConfigError) as e:
-        _fail(str(e))
+    run_quickstart(out, seeds=seed, console=console)
 
 
-@app.command()
+@command()
 def train(
     config: Path = typer.Argument(..., help="Run configuration (YAML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=0.001 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<config name>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    restart: bool = typer.Option(False, "--restart", help="Start over instead of resuming the run in --out."),
+    resume: bool = typer.Option(True, "--resume", hidden=True, help="Kept for old scripts: resuming is the default."),
 ):
-    """Train and evaluate one model on one dataset (every seed of the config)."""
-    from .training.config import load_config
+    """Train and evaluate one model on one dataset (every seed of the config); resumes a killed run."""
+    from .runs import load_config
     from .training.trainer import run
 
-    try:
-        cfg = load_config(config, set_)
-        out = out or Path("runs") / config.stem
-        metrics = run(cfg, out, resume=resume)
-    except (DataError, ConfigError) as e:
-        _fail(str(e))
+    cfg = load_config(config, set_)
+    out = out or Path("runs") / config.stem
+    metrics = run(cfg, out, resume=not restart)
     console.print_json(json.dumps({"valid": metrics["valid"], "test": metrics["test"]}, indent=1))
     console.print(f"run folder: {out}")
 
 
-@app.command()
+@command()
 def evaluate(run_dir: Path = typer.Argument(..., help="A finished run folder.")):
     """Re-evaluate a run's best checkpoints on validation and test."""
-    from .training.trainer import evaluate_run
+    from .runs import evaluate_run
 
-    try:
-        result = evaluate_run(run_dir)
-    except (DataError, ConfigError, FileNotFoundError) as e:
-        _fail(str(e))
-    console.print_json(json.dumps(result, indent=1))
+    console.print_json(json.dumps(evaluate_run(run_dir), indent=1))
 
 
-@app.command()
+@command()
 def compare(
     run_dirs: list[Path] = typer.Argument(..., help="Run folders; the first is the baseline."),
     metric: str = typer.Option("ndcg@10", help="Metric for the paired test."),
 ):
     """Table of runs with mean ± 95% CI and paired tests against the first run."""
-    from .evaluation.report import compare_runs
+    from .runs import compare_runs
 
-    try:
-        console.print(compare_runs(run_dirs, metric))
-    except FileNotFoundError as e:
-        _fail(str(e))
+    console.print(compare_runs(run_dirs, metric))
 
 
-@app.command()
+@command()
 def recommend(
     run_dir: Path = typer.Argument(..., help="A finished run folder."),
     items: list[str] = typer.Argument(..., help="The session: item ids as in your data, oldest first."),
@@ -97,70 +118,89 @@ def recommend(
     """Top-k items for a session, with the run's best-validation model."""
     from .serving.recommend import TrainedRecommender
 
-    try:
-        recs = TrainedRecommender.from_run(run_dir).recommend(items, k, exclude_seen)
-    except (DataError, ConfigError, FileNotFoundError) as e:
-        _fail(str(e))
-    for item, score in recs:
+    if k < 1:
+        raise ConfigError(f"-k {k}: ask for at least one item")
+    for item, score in TrainedRecommender.from_run(run_dir).recommend(items, k, exclude_seen):
         console.print(f"{item}\t{score:.4f}", highlight=False)
 
 
-@app.command()
+@command()
 def embed(
     config: Path = typer.Argument(..., help="Embedding configuration (YAML), e.g. configs/embed/demo-smollm2.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set batch_size=8 (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the config's output, else "
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the config's out, else "
                                                            "runs/embed/<config name>)."),
 ):
     """Embed every item once with the multimodal LM (resumable shards; under torchrun, items are split across ranks)."""
     from .training.embed import embed_items, load_embed_config
 
-    try:
-        cfg = load_embed_config(config, set_)
-        out = out or (Path(cfg.output) if cfg.output else Path("runs") / "embed" / config.stem)
-        result = embed_items(cfg, out)
-    except (DataError, ConfigError, FileNotFoundError) as e:
-        _fail(str(e))
+    cfg = load_embed_config(config, set_)
+    out = out or (Path(cfg.out) if cfg.out else Path("runs") / "embed" / config.stem)
+    result = embed_items(cfg, out)
     if result["rank"] == 0:
         console.print_json(json.dumps(result, indent=1))
 
 
-@app.command()
+def _run_method(name: str, config: Path, stage: list[str], set_: list[str], out: Optional[Path],
+                restart: bool) -> None:
+    from .methods.registry import run_method
+
+    run_method(name, config, set_, stages=stage, out=out, restart=restart)
+
+
+_STAGE_HELP = "Run up to this stage only (repeatable; default: all). Earlier stages run first when not finished."
+_SET_HELP = "Override a key: --set seed=1 (repeatable)."
+_OUT_HELP = "Run folder (default: the config's out)."
+_RESTART_HELP = "Start over: delete what this method wrote in the run folder (nothing else)."
+
+
+@command()
+def method(
+    name: str = typer.Argument(..., help="The method (see `distillrec methods`)."),
+    config: Path = typer.Argument(..., help="Its recipe (YAML)."),
+    stage: list[str] = typer.Option([], "--stage", help=_STAGE_HELP),
+    set_: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help=_OUT_HELP),
+    restart: bool = typer.Option(False, "--restart", help=_RESTART_HELP),
+):
+    """Run an LLM method's stages (resumable); `distillrec tpad` and `distillrec align` are aliases."""
+    _run_method(name, config, stage, set_, out, restart)
+
+
+@command(name="methods")
+def list_methods():
+    """List the LLM methods, their stages and an example recipe."""
+    from .methods.registry import METHODS
+
+    for m in METHODS.values():
+        stages = " -> ".join(m.stages) if m.stages else "one stage"
+        console.print(f"{m.name}\t{stages}\t{m.example}\t{m.summary}", highlight=False)
+
+
+@command()
 def align(
     config: Path = typer.Argument(..., help="Alignment config (YAML), e.g. configs/align/scientific-mm.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set epochs=2 (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's out)."),
-    restart: bool = typer.Option(False, "--restart", help="Ignore existing checkpoints and start again."),
+    out: Optional[Path] = typer.Option(None, "--out", help=_OUT_HELP),
+    restart: bool = typer.Option(False, "--restart", help=_RESTART_HELP),
 ):
-    """Connector alignment pretraining (image features -> item text), with before/after caption loss and keyword recall."""
-    from .training.align import main as run_alignment
-
-    try:
-        run_alignment(config, set_, out=out, restart=restart)
-    except (DataError, ConfigError) as e:
-        _fail(str(e))
+    """Connector alignment pretraining (image features -> item text); before/after caption loss and keyword recall."""
+    _run_method("align", config, [], set_, out, restart)
 
 
-@app.command()
+@command()
 def tpad(
     config: Path = typer.Argument(..., help="TPAD recipe (YAML), e.g. configs/tpad/demo.yaml."),
-    stage: list[str] = typer.Option([], "--stage", help="Run up to these stages only: knowledge, transfer, align, "
-                                                        "embed (repeatable; default: all). Earlier stages run first "
-                                                        "when not finished."),
+    stage: list[str] = typer.Option([], "--stage", help="knowledge, transfer, align or embed. " + _STAGE_HELP),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set align.gamma1=0 (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's out)."),
-    restart: bool = typer.Option(False, "--restart", help="Delete the run folder and start again."),
+    out: Optional[Path] = typer.Option(None, "--out", help=_OUT_HELP),
+    restart: bool = typer.Option(False, "--restart", help=_RESTART_HELP),
 ):
     """TPAD: Knowledge-MLLM, Transfer-MLLM, transitional pattern alignment, then item embeddings (resumable)."""
-    from .training.tpad import STAGES, main as run_tpad_main
-
-    try:
-        run_tpad_main(config, set_, stages=stage or STAGES, out=out, restart=restart)
-    except (DataError, ConfigError) as e:
-        _fail(str(e))
+    _run_method("tpad", config, stage, set_, out, restart)
 
 
-@app.command("models")
+@command(name="models")
 def list_models():
     """List the registered recommenders."""
     from .models import available_models
@@ -168,24 +208,24 @@ def list_models():
     console.print("\n".join(available_models()))
 
 
-@data_app.command("inspect")
+@command(data_app, "inspect")
 def data_inspect(
     path: str = typer.Argument(..., help="A dataset folder or file, or a known dataset name."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Loader format (guessed from the files if omitted)."),
+    option: list[str] = typer.Option(
+        [], "--option", help="A loader option key=value, the value read as YAML (repeatable): --option stem=Beauty."),
 ):
     """Print statistics and validate a dataset; exits 1 when it has errors."""
-    from .data.validate import format_report, inspect_path
+    from .data.validate import format_report, inspect_path, parse_option
 
-    try:
-        report = inspect_path(path, fmt)
-    except DataError as e:
-        _fail(str(e))
+    options = dict(parse_option(o) for o in option)
+    report = inspect_path(path, fmt, options=options)
     console.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
     if report.get("errors", 0):
         raise typer.Exit(1)
 
 
-@data_app.command("export-recbole")
+@command(data_app, "export-recbole")
 def data_export_recbole(
     name: str = typer.Argument(..., help="A known dataset name (or use --format/--path)."),
     out: Path = typer.Option(..., "--out", help="Folder for the atomic files."),
@@ -196,12 +236,8 @@ def data_export_recbole(
     from .data.export import export_recbole
     from .data.loaders import load_dataset
 
-    try:
-        ds = load_dataset({"name": name, "format": fmt, "path": path})
-        written = export_recbole(ds, out)
-    except DataError as e:
-        _fail(str(e))
-    console.print(f"wrote {written}")
+    ds = load_dataset({"name": name, "format": fmt, "path": path})
+    console.print(f"wrote {export_recbole(ds, out)}")
 
 
 def main() -> None:  # pragma: no cover

@@ -19,9 +19,10 @@ from rich.console import Console
 
 from .data.embeddings import attach_item_embeddings
 from .data.loaders import load_dataset
-from .evaluation.report import compare_runs
-from .training.config import load_config
-from .training.tpad import TPADConfig, run_tpad
+from .evaluation.report import Panel, fmt_number, markdown_table, plot_panels, pyplot, save_figure
+from .methods.tpad.config import TPADConfig
+from .methods.tpad.pipeline import run_tpad
+from .runs import compare_runs, load_config
 from .training.trainer import run
 
 DEMO = {"name": "demo"}
@@ -113,9 +114,11 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
     table = compare_runs(run_dirs)
     curves = plot_tpad_curves(tpad_report, out / "tpad_curves.png")
     pca = plot_id_vs_modality(out / "dimo_tpad", dataset, out / "dimo_tpad_pca.png")
-    gr = "\n".join(f"| {stage} | {h['epoch']} | {_f(h.get('gr_both'))} | {_f(h.get('gr_image'))} | "
-                   f"{_f(h.get('gr_text'))} |"
-                   for stage in ("knowledge", "align") for h in tpad_report["stages"].get(stage, {}).get("history", []))
+    gr = markdown_table(
+        ["stage", "epoch", "GR both", "GR image", "GR text"],
+        [[stage, h["epoch"], *(fmt_number(h.get(k), 3) for k in ("gr_both", "gr_image", "gr_text"))]
+         for stage in ("knowledge", "align") for h in tpad_report["stages"].get(stage, {}).get("history", [])],
+    )
     report = (
         "# distillrec quickstart: the demo shop\n\n"
         f"Dataset: {dataset.statistics()}\n\n"
@@ -125,7 +128,7 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
         "`dimo_raw`: DIMO on the raw encoder features (EfficientNet-Lite0 image, MiniLM text); `fused_sasrec`: "
         "SASRec with the shop's attribute one-hot.\n\n"
         "## TPAD\n\nKeyword generation rate (GR) on held-out items, per prompt modality (knowledge epoch 0: before "
-        "training; align = stage 2b):\n\n| stage | epoch | GR both | GR image | GR text |\n|---|---|---|---|---|\n"
+        "training; align = stage 2b):\n\n"
         + gr + f"\n\nTPAD report: `tpad/report.md`; time (s): {json.dumps(tpad_report['seconds'])}.\n\n"
         + (f"![TPAD training curves]({curves.name})\n\n" if curves else "")
         + (f"![DIMO ID vs modality item tables, PCA]({pca.name})\n\n" if pca else "")
@@ -137,10 +140,6 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
     return out / "report.md"
 
 
-def _f(x: Any) -> str:
-    return "–" if x is None else f"{x:.3f}"
-
-
 def plot_tpad_curves(report: dict[str, Any], path: Path) -> Path | None:
     """One panel per TPAD stage: its losses every few steps."""
     stages = [(s, report["stages"][s].get("curve", [])) for s in ("knowledge", "transfer", "align")
@@ -148,23 +147,10 @@ def plot_tpad_curves(report: dict[str, Any], path: Path) -> Path | None:
     stages = [(s, c) for s, c in stages if c]
     if not stages:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(stages), figsize=(3.6 * len(stages), 3.0), squeeze=False)
-    for ax, (name, curve) in zip(axes[0], stages):
-        keys = [k for k in curve[0] if k not in ("step", "loss")]
-        for k in keys:
-            ax.plot([c["step"] for c in curve], [c.get(k) for c in curve], label=k)
-        ax.set_title(f"stage {name}")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    panels = [Panel([(k, [c["step"] for c in curve], [c.get(k) for c in curve])
+                     for k in curve[0] if k not in ("step", "loss")], title=f"stage {name}", xlabel="step")
+              for name, curve in stages]
+    return plot_panels(panels, path, panel_size=(3.6, 3.0))
 
 
 def plot_id_vs_modality(run_dir: Path, dataset: Any, path: Path) -> Path | None:
@@ -187,17 +173,9 @@ def plot_id_vs_modality(run_dir: Path, dataset: Any, path: Path) -> Path | None:
     cats = dataset.items.text.get("category") or ["item"] * n
     names = sorted(set(cats))
     colour = np.array([names.index(c) for c in cats])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8), sharex=True, sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(8, 3.8), sharex=True, sharey=True)
     for ax, part, title in ((axes[0], xy[:n], "ID view"), (axes[1], xy[n:], "modality view (TPAD)")):
         ax.scatter(part[:, 0], part[:, 1], c=colour, cmap="tab20", s=4)
         ax.set_title(title)
     fig.suptitle("DIMO item tables, joint PCA, coloured by category", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -19,9 +19,7 @@ from typing import Any
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A problem in a user's data: the message names the file, the line or field, and the fix."""
+from ..errors import DataError  # noqa: F401  (re-exported: the data layer's error)
 
 
 @dataclass

@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .dataset import Dataset
+from ..errors import ConfigError
+from .dataset import Dataset, ItemTable
 
 STOP_WORDS = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the this to with without your you "
@@ -74,3 +75,13 @@ def keyword_sets(field_dicts: Sequence[dict[str, str]], keyword_fields: Sequence
     common = sorted(w for w, c in df.items() if c / n > max_df)
     drop = set(common)
     return [s - drop for s in raw], common
+
+
+def item_texts(items: ItemTable, text_fields: list[str] | None) -> list[str]:
+    """The text of items 1..n: the named fields joined by ". " (None: every field; []: no text at all, the
+    "without text" ablation); an unknown field is a ConfigError that names it."""
+    if text_fields is not None:
+        unknown = [f for f in text_fields if f not in items.text]
+        if unknown:
+            raise ConfigError(f"text_fields: unknown field(s) {unknown}; the dataset has {list(items.text)}")
+    return [items.item_text(i, text_fields) if text_fields != [] else "" for i in range(1, items.n_items + 1)]

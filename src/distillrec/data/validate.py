@@ -3,7 +3,8 @@
 - :func:`validate_dataset` -> list of :class:`Problem` (severity "error" or "warning", a code, a count, a message
   with a few examples);
 - :func:`inspect_dataset` -> a plain dict (statistics, protocol, load report, problems);
-- :func:`inspect_path` loads a folder (format guessed from its files) or a known dataset name and inspects it;
+- :func:`inspect_path` loads a folder (format guessed from its files) or a known dataset name and inspects it,
+  with loader options (``distillrec data inspect --option key=value``, parsed by :func:`parse_option`);
 - :func:`format_report` renders such a report as plain text.
 """
 
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from ..errors import ConfigError
 from .dataset import DataError, Dataset
 from .loaders import KNOWN_DATASETS, DatasetConfig, available_formats, load_dataset
 
@@ -177,8 +180,29 @@ def guess_format(folder: Path) -> tuple[str, dict[str, Any]]:
     )
 
 
-def inspect_path(path: str | Path, fmt: str | None = None, **options: Any) -> dict[str, Any]:
-    """Load a known dataset name, or a folder/file (format guessed unless given), and inspect it."""
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value), the value read as a YAML scalar (``0.2``, ``true``, ``null``, text)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--option '{text}': expected key=value (a loader option), e.g. --option stem=Beauty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        value = raw  # lists, mappings, dates: keep the text
+    return key, value
+
+
+def inspect_path(path: str | Path, fmt: str | None = None, *, options: dict[str, Any] | None = None,
+                 **more_options: Any) -> dict[str, Any]:
+    """Load a known dataset name, or a folder/file (format guessed unless given), and inspect it.
+
+    ``options`` (and any further keyword arguments) are loader options; they are checked against the loader's
+    parameters before anything is read (a mistyped name is a DataError that lists the valid ones).
+    """
+    options = {**(options or {}), **more_options}
     p = Path(path)
     if str(path) in KNOWN_DATASETS and not p.exists():
         cfg = DatasetConfig(name=str(path), format=fmt, options=options)

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = "1"
 
 
+# the features the bundled encoders compute on demand: TextEncoder().feature_name, ImageEncoder().feature_name (tested)
+DEFAULT_FEATURES = ("text_minilm", "image_effnet_lite0")
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("DISTILLREC_CACHE_DIR")
     if root:
@@ -279,3 +283,20 @@ def encode_missing_features(
         return []
     rep = encode_item_table(items, text_fields, image=want_image, text=want_text, show_progress=show_progress)
     return [n for n in (rep.text_feature, rep.image_feature) if n]
+
+
+def item_feature_matrix(name: str | None, items: ItemTable, progress: bool = True, key: str = "image_features",
+                        text_fields: Sequence[str] | None = None) -> np.ndarray | None:
+    """The item feature matrix ``name`` (float32 ``[n_items + 1, d]``); the bundled encoders' features
+    (``image_effnet_lite0`` for datasets with image paths, ``text_minilm``) are computed and cached when absent.
+    ``None`` -> ``None`` (no input); ``text_fields``: the fields MiniLM reads (None: all). Any other missing name is a ConfigError naming ``key`` and the features there are."""
+    from ..errors import ConfigError
+
+    if name is None:
+        return None
+    if name not in items.features and not encode_missing_features(items, [name], text_fields, progress):
+        have = ", ".join(sorted(items.features)) or "none"
+        default = ImageEncoder().feature_name
+        hint = f"; '{default}' is computed when the dataset has image paths" if not items.image_paths else ""
+        raise ConfigError(f"{key}: the dataset has no feature matrix '{name}' (it has: {have}){hint}")
+    return np.asarray(items.features[name], dtype=np.float32)

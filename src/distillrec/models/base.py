@@ -10,12 +10,12 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import ClassVar
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..data.dataset import Dataset
+from .features import require_features, standardize_columns  # noqa: F401  (their home is .features)
 
 
 class ModelConfig(BaseModel):
@@ -50,29 +50,6 @@ class Recommender(nn.Module):
 
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
-
-
-def standardize_columns(matrix: np.ndarray) -> np.ndarray:
-    """Frozen item features ``[n_items + 1, d]`` with every column at mean 0, std 1 over items 1..n (row 0, the
-    padding row, stays 0; constant columns become 0). LM hidden states (TPAD embeddings) carry a few huge, nearly
-    constant coordinates that would otherwise swamp an adapter's input: on the demo, TPAD image rows of different
-    items have cosine 0.99998 before this and differ only after it."""
-    m = np.asarray(matrix, dtype=np.float32)
-    body = m[1:].astype(np.float64)
-    std = body.std(0)
-    out = np.zeros_like(m)
-    out[1:] = ((body - body.mean(0)) / np.where(std > 1e-8, std, np.inf)).astype(np.float32)
-    return out
-
-
-def require_features(model: str, dataset: Dataset, names: list[str], hint: str) -> list[np.ndarray]:
-    """The named item feature matrices of ``dataset``; a missing one is an error naming what exists and ``hint``."""
-    available = dataset.items.features
-    for name in names:
-        if name not in available:
-            raise ValueError(f"{model}: the dataset has no item feature '{name}'; available features: "
-                             f"{', '.join(sorted(available)) or 'none'} ({hint})")
-    return [available[name] for name in names]
 
 
 _REGISTRY: dict[str, type[Recommender]] = {}

@@ -6,10 +6,10 @@ with its bugs fixed; every difference is listed in ``docs/dimo.md``.
 Two item views, each a table ``[n_items + 1, d]`` (row 0 = padding, always zero):
 
 - **ID view**: ``nn.Embedding(n_items + 1, d, padding_idx=0)``;
-- **modality view**: a tunable adapter (Linear or MLP, optional LayerNorm) over the concatenation of the named
-  frozen item features (``dataset.items.features``, e.g. TPAD or CLIP embeddings). The features are a
-  non-persistent buffer: never trained, never re-initialised, never written to. With ``features: []`` the modality
-  view is a second learned table (DIMO without side information).
+- **modality view**: a tunable adapter (Linear or MLP, optional LayerNorm; :mod:`.features`, shared with the fused
+  models) over the concatenation of the named frozen item features (``dataset.items.features``, e.g. TPAD or CLIP
+  embeddings). The features are a non-persistent buffer: never trained, never re-initialised, never written to.
+  With ``features: []`` the modality view is a second learned table (DIMO without side information).
 
 ``fit(dataset)`` builds, from ``dataset.train`` only (never valid/test):
 
@@ -60,7 +60,8 @@ from pydantic import Field
 from torch import nn
 
 from ..data.dataset import Dataset
-from .base import ModelConfig, Recommender, register_model, require_features, standardize_columns
+from .base import ModelConfig, Recommender, register_model
+from .features import CachedItemTables, FeatureNorm, frozen_features, make_adapter, padding_row_mask
 
 
 class DIMOConfig(ModelConfig):
@@ -80,8 +81,8 @@ class DIMOConfig(ModelConfig):
     cooccur_window: int | None = Field(3, ge=1)  # pairs at most this many positions apart; None = whole sequence
     co_items_per_batch: int = Field(512, ge=1)  # items drawn per batch for L_co
     features: list[str] = Field(default_factory=list)  # frozen item features forming the modality view
-    # "standardize": every feature column to mean 0 / std 1 over the items (models.base.standardize_columns)
-    feature_norm: Literal["standardize", "none"] = "standardize"
+    # "standardize": every feature column to mean 0 / std 1 over the items (models.features.standardize_columns)
+    feature_norm: FeatureNorm = "standardize"
     adapter: Literal["linear", "mlp"] = "linear"
     adapter_layernorm: bool = True
     log_base: float = Field(10.0, gt=1.0)  # the released code uses log10 in all contrastive terms
@@ -245,7 +246,7 @@ class SessionAttention(nn.Module):
 
 
 @register_model("dimo")
-class DIMO(Recommender):
+class DIMO(CachedItemTables, Recommender):
     Config = DIMOConfig
     train_format = "prefix"
 
@@ -264,14 +265,16 @@ class DIMO(Recommender):
         with torch.no_grad():
             self.id_emb.weight[0].zero_()
 
-        raw = require_features("dimo", dataset, c.features, "or use features: [] for DIMO without side information")
+        raw = frozen_features("dimo", dataset, c.features, c.feature_norm,
+                              "or use features: [] for DIMO without side information")
         if c.features:
             # a copy (np.concatenate), registered as a non-persistent buffer: frozen, not checkpointed, never re-inited
-            norm = standardize_columns if c.feature_norm == "standardize" else (lambda m: np.asarray(m, np.float32))
-            matrix = np.concatenate([norm(m) for m in raw], axis=1)
+            matrix = np.concatenate(raw, axis=1)
             self.register_buffer("item_features", torch.from_numpy(matrix), persistent=False)
             self.mo_emb = None
-            self.adapter = self._make_adapter(matrix.shape[1], d, scale=stdv / math.sqrt(3.0))
+            # LayerNorm gain = the ID table's init std (U(-a, a) has std a/sqrt(3)): both views start at one scale
+            self.adapter = make_adapter(matrix.shape[1], d, mlp=c.adapter == "mlp", layernorm=c.adapter_layernorm,
+                                        gain=stdv / math.sqrt(3.0))
         else:
             self.item_features = None
             self.adapter = None
@@ -279,23 +282,8 @@ class DIMO(Recommender):
             nn.init.uniform_(self.mo_emb.weight, -stdv, stdv)
             with torch.no_grad():
                 self.mo_emb.weight[0].zero_()
-        row_mask = torch.ones(n + 1, 1)
-        row_mask[0] = 0
-        self.register_buffer("row_mask", row_mask, persistent=False)
+        self.register_buffer("row_mask", padding_row_mask(n), persistent=False)
         self._fitted = False
-        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def _make_adapter(self, d_in: int, d: int, scale: float) -> nn.Sequential:
-        c = self.config
-        layers: list[nn.Module] = [nn.Linear(d_in, d)]
-        if c.adapter == "mlp":
-            layers += [nn.GELU(), nn.Linear(d, d)]
-        if c.adapter_layernorm:
-            # gain = the ID table's init std (U(-a, a) has std a/sqrt(3)): both views start at the same scale
-            ln = nn.LayerNorm(d)
-            nn.init.constant_(ln.weight, scale)
-            layers.append(ln)
-        return nn.Sequential(*layers)
 
     # ----------------------------------------------------------------------------------------------- statistics
 
@@ -323,7 +311,7 @@ class DIMO(Recommender):
         self.register_buffer("neg_items", torch.from_numpy(neg_items).to(device), persistent=False)
         self.register_buffer("co_items", torch.from_numpy(co_items).to(device), persistent=False)
         self._fitted = True
-        self._cache = None
+        self.drop_item_table_cache()
 
     # ----------------------------------------------------------------------------------------------- forward
 
@@ -345,18 +333,9 @@ class DIMO(Recommender):
         """The propagated ID and modality tables, each ``[n_items + 1, d]`` (row 0 = 0)."""
         if not self._fitted:
             raise RuntimeError("dimo: call fit(dataset) before loss/score (it builds the co-occurrence graph)")
-        if self.training or torch.is_grad_enabled():
-            return tuple(self._propagate(t) for t in self._raw_tables())
-        # evaluation scores batch after batch with unchanged weights: propagate once per eval() call (the key also
-        # follows in-place updates and device moves; train()/eval() reset it)
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters()) + (self.adjacency.device,)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, tuple(self._propagate(t) for t in self._raw_tables()))
-        return self._cache[1]
-
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
+        # in evaluation (eval(), no autograd): propagated once per pass, see models.features.CachedItemTables
+        return self.cached_item_tables(lambda: tuple(self._propagate(t) for t in self._raw_tables()),
+                                       self.adjacency.device)
 
     def encode(self, batch: dict[str, torch.Tensor], tables=None) -> dict[str, torch.Tensor]:
         """Session vectors ``s_id``, ``s_mo`` and proxies ``p_id``, ``p_mo`` ([B, d] each), and the tables used."""

@@ -8,7 +8,8 @@ embedding and as the output (scoring) layer, so the networks themselves are exac
 
 The feature matrices are registered as **non-persistent** buffers: they move with ``.to(device)`` and are never
 trained, but they stay out of checkpoints. They are a function of the dataset, which is needed anyway to build the
-model (``cls(config, dataset)``), so saving them would only copy tens of MB of CLIP rows into every checkpoint.
+model (``cls(config, dataset)``), so saving them would only copy tens of MB of CLIP rows into every checkpoint. The
+features, adapters and the evaluation-time table cache are :mod:`.features`, shared with DIMO's modality view.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pydantic import Field
 from torch import nn
 
 from ..data.dataset import Dataset
-from .base import ModelConfig, register_model, require_features, standardize_columns
+from .base import ModelConfig, register_model
+from .features import CachedItemTables, FeatureNorm, frozen_features, make_adapter, padding_row_mask
 from .gru4rec import GRU4Rec, GRU4RecConfig
 from .sasrec import SASRec, SASRecConfig
 
@@ -31,8 +33,8 @@ class FusionConfig(ModelConfig):
     use_id: bool = True  # False: features only (cold-start items)
     adapter_layernorm: bool = True  # LayerNorm after each adapter's Linear: CLIP and text features differ in scale
     adapter_dropout: float = 0.1
-    # "standardize": each feature column to mean 0 / std 1 over the items before the adapter (models.base); "none"
-    feature_norm: Literal["standardize", "none"] = "standardize"
+    # "standardize": each feature column to mean 0 / std 1 over the items before the adapter (models.features); "none"
+    feature_norm: FeatureNorm = "standardize"
 
 
 class FusedGRU4RecConfig(GRU4RecConfig, FusionConfig):
@@ -43,42 +45,27 @@ class FusedSASRecConfig(SASRecConfig, FusionConfig):
     pass
 
 
-def _adapter(d_in: int, d_out: int, c: FusionConfig, scale: float) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(d_in, d_out)]
-    if c.adapter_layernorm:
-        # LayerNorm's gain starts at the ID embeddings' init scale instead of 1: unit-variance rows would make the
-        # initial logits ~100x larger than the ID model's (init loss ~19 instead of ~log n on a toy set) and
-        # saturate the softmax; this way the fused model starts where the ID model starts, and the gain is learnt.
-        ln = nn.LayerNorm(d_out)
-        nn.init.constant_(ln.weight, scale)
-        layers.append(ln)
-    layers.append(nn.Dropout(c.adapter_dropout))
-    return nn.Sequential(*layers)
-
-
-class FusedItems:
+class FusedItems(CachedItemTables):
     """Mixin placed before GRU4Rec / SASRec: adds the frozen features and adapters, overrides ``item_table``."""
 
     def _init_fusion(self, c: FusionConfig, dataset: Dataset) -> None:
-        raw = require_features(self.name, dataset, c.features, "attach one with ItemTable.add_features or the "
-                               "dataset's embeddings setting")
+        raw = frozen_features(self.name, dataset, c.features, c.feature_norm,
+                              "attach one with ItemTable.add_features or the dataset's embeddings setting")
         d = self.item_dim
-        scale = float(self.item_emb.weight[1:].detach().std())  # the ID table's init scale (each model's own init)
+        gain = float(self.item_emb.weight[1:].detach().std())  # the ID table's init scale (each model's own init)
         for i, m in enumerate(raw):
             # attribute-safe names (feature names may hold dots); row 0 of every matrix is padding
-            rows = standardize_columns(m) if c.feature_norm == "standardize" else m
-            matrix = torch.as_tensor(rows, dtype=torch.float32)
-            self.register_buffer(f"feature_{i}", matrix, persistent=False)
-        self.adapters = nn.ModuleList(_adapter(m.shape[1], d, c, scale) for m in raw)
+            self.register_buffer(f"feature_{i}", torch.as_tensor(m), persistent=False)
+        self.adapters = nn.ModuleList(
+            make_adapter(m.shape[1], d, layernorm=c.adapter_layernorm, gain=gain, dropout=c.adapter_dropout)
+            for m in raw
+        )
         n_parts = len(c.features) + int(c.use_id)
         self.fuse = nn.Linear(n_parts * d, d) if c.fusion == "concat" else None
         if not c.use_id:
             self.item_emb = None  # features only: no per-item parameters at all
         # zeroes the padding row of the fused table (adapter biases and LayerNorm would otherwise make it non-zero)
-        mask = torch.ones(dataset.n_items + 1, 1)
-        mask[0] = 0
-        self.register_buffer("row_mask", mask, persistent=False)
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.register_buffer("row_mask", padding_row_mask(dataset.n_items), persistent=False)
 
     def _fused_table(self) -> torch.Tensor:
         feats = [getattr(self, f"feature_{i}") for i in range(len(self.adapters))]
@@ -89,19 +76,8 @@ class FusedItems:
         return table * self.row_mask
 
     def item_table(self) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
-            return self._fused_table()
-        # Evaluation calls score() batch after batch with unchanged weights: build the table once per eval() call.
-        # train()/eval() drop the cache; the key also catches in-place updates that bump parameter versions, and
-        # device moves (fused optimizers and writes through .data bump no version, hence the train()/eval() reset).
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._fused_table())
-        return self._cache[1]
-
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
+        # in evaluation (eval(), no autograd): built once per pass, see models.features.CachedItemTables
+        return self.cached_item_tables(self._fused_table)
 
 
 @register_model("fused_gru4rec")

@@ -9,11 +9,10 @@ import numpy as np
 import torch
 
 from ..data.batching import pad_histories
-from ..data.dataset import DataError, Dataset
-from ..models import Recommender, build_model
-from ..training.checkpoint import load_checkpoint
-from ..training.config import RunConfig, load_config
-from ..training.trainer import load_run_dataset
+from ..data.dataset import Dataset
+from ..errors import ConfigError, DataError
+from ..models import Recommender
+from ..runs import RunConfig, load_trained
 
 
 @dataclass
@@ -25,24 +24,14 @@ class TrainedRecommender:
     @classmethod
     def from_run(cls, run_dir: str | Path, seed: int | None = None) -> "TrainedRecommender":
         """The best-validation model of ``run_dir`` (for ``seed``, default the config's first seed)."""
-        run_dir = Path(run_dir)
-        cfg = load_config(run_dir / "config.yaml")
-        seed = cfg.train.seeds[0] if seed is None else seed
-        dataset = load_run_dataset(cfg)
-        torch.manual_seed(seed)
-        model = build_model(cfg.model.name, cfg.model.params, dataset)
-        model.fit(dataset)
-        if model.trainable:
-            best = run_dir / "checkpoints" / f"seed{seed}" / "best.safetensors"
-            if not best.exists():
-                raise FileNotFoundError(f"{best} not found: train the run for seed {seed} first")
-            load_checkpoint(best, model)
-        model.eval()
-        return cls(model, dataset, cfg)
+        t = load_trained(run_dir, seed)
+        return cls(t.model, t.dataset, t.config)
 
     @torch.no_grad()
     def recommend(self, session: list[str], k: int = 10, exclude_seen: bool = False) -> list[tuple[str, float]]:
         """``k`` (external item id, score) pairs for a session of external item ids, best first."""
+        if k < 1:
+            raise ConfigError(f"-k {k}: ask for at least one item")
         index = self.dataset.items.index()
         unknown = [i for i in session if i not in index]
         if unknown:

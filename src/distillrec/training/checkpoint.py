@@ -1,94 +1,56 @@
-"""Checkpoints as one safetensors file each: model and optimizer tensors plus plain JSON state in its metadata.
-
-Written to a temporary file and renamed, so a kill leaves either the old checkpoint or the new one, never half.
-No pickle: optimizer state is flattened to tensors, everything else is JSON.
+"""The checkpoint API of the engine: one safetensors file per model (+ optimizer, + JSON state) for the trainer
+(:func:`save_checkpoint` / :func:`load_checkpoint`, defined in :mod:`distillrec.files` so that run folders can be read
+below this layer), and one folder per resumable stage for the stage loop (:func:`save_stage_checkpoint` /
+:func:`load_stage_checkpoint`): the trainable LM parts (``save_trainable``), the heads with the first optimizer,
+one file per further optimizer, torch's RNG state and ``stage.json``, written atomically as one folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from torch import nn
+
+from ..files import atomic_save_tensors, load_checkpoint, read_state, save_checkpoint, write_folder_atomically
+
+__all__ = ["TrainableParts", "load_checkpoint", "load_stage_checkpoint", "read_state", "save_checkpoint",
+           "save_stage_checkpoint", "write_folder_atomically"]
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value.detach().clone().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+class TrainableParts(Protocol):
+    """What a stage trains besides its heads (a MultimodalLM: connector, summary tokens, LoRA towers)."""
+
+    def save_trainable(self, path: str | Path) -> Any: ...
+
+    def load_trainable(self, path: str | Path) -> None: ...
 
 
-def save_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    state: dict[str, Any],
-    optimizer: torch.optim.Optimizer | None = None,
-) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    meta: dict[str, Any] = {"state": state}
-    if optimizer is not None:
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-        tensors.update(opt_tensors)
-        meta["optimizer"] = opt_meta
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"distillrec": json.dumps(meta)})
-    os.replace(tmp, path)
+def save_stage_checkpoint(folder: Path, lm: TrainableParts | None, heads: nn.Module,
+                          optimizers: list[torch.optim.Optimizer], state: dict[str, Any]) -> Path:
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        if lm is not None:
+            lm.save_trainable(tmp)
+        save_checkpoint(tmp / "heads.safetensors", heads, state, optimizers[0] if optimizers else None)
+        for k, o in enumerate(optimizers[1:], 1):
+            save_checkpoint(tmp / f"optimizer{k}.safetensors", nn.Module(), {}, o)
+        atomic_save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
+        (tmp / "stage.json").write_text(json.dumps(state, indent=1))
+
+    return write_folder_atomically(folder, write)
 
 
-def write_folder_atomically(final: Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` fills a temporary sibling folder, which then replaces ``final``: a kill leaves the old folder or
-    the new one, never a half-written one."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
+def load_stage_checkpoint(folder: Path, lm: TrainableParts | None, heads: nn.Module,
+                          optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    from safetensors.torch import load_file
 
-
-def read_state(path: Path) -> dict[str, Any]:
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["distillrec"])["state"]
-
-
-def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
-) -> dict[str, Any]:
-    """Restore model (and optimizer) in place; returns the JSON state saved with them."""
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["distillrec"])
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    if optimizer is not None and "optimizer" in meta:
-        opt_meta = meta["optimizer"]
-        state: dict[int, dict[str, Any]] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, idx, key = k.split(".", 2)
-                state.setdefault(int(idx), {})[key] = v
-        for k, v in opt_meta["scalars"].items():
-            idx, key = k.split(".", 1)
-            state.setdefault(int(idx), {})[key] = v
-        optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
-    return meta["state"]
+    if lm is not None:
+        lm.load_trainable(folder)
+    state = load_checkpoint(folder / "heads.safetensors", heads, optimizers[0] if optimizers else None)
+    for k, o in enumerate(optimizers[1:], 1):
+        load_checkpoint(folder / f"optimizer{k}.safetensors", nn.Module(), o)
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+    return state

@@ -26,14 +26,15 @@ How the work is done:
 
 Config keys (YAML; unknown keys are errors that name them): ``dataset`` (as in run configs), ``lm`` (``name``:
 ``smollm2-135m-instruct`` / a Hugging Face id or local folder / ``tiny`` for tests; ``dtype``; ``seed``;
-``cache_dir``; ``attn_implementation``; ``device``), ``multimodal`` (:class:`MultimodalLMConfig` fields; ``base`` and
+``cache_dir``; ``attn_implementation``), ``multimodal`` (:class:`MultimodalLMConfig` fields; ``base`` and
 ``dtype`` there are taken from ``lm``; ``d_image`` defaults to the width of ``image_features``), ``pretrained``
 (a folder written by ``MultimodalLM.save_trainable``: connector, summary tokens and LoRA adapters are loaded from it
 and ``multimodal`` must be left out), ``adapter`` (``knowledge`` by default; ``base`` = LoRA disabled),
 ``image_features`` (the name of an item feature matrix of the dataset, e.g. ``image_clip``; all-zero rows count as
 "no image"; ``image_effnet_lite0`` is computed with the bundled encoder when the dataset has image paths; ``null`` =
 no image input, every item gets the learned "missing image" token), ``text_fields`` (null = all, joined by ". "; [] = no text),
-``batch_size``, ``shard_size``, ``output`` (default folder; ``--out`` wins), ``keep_shards``, ``num_threads``,
+``batch_size``, ``shard_size``, ``out`` (default folder; ``--out`` wins), ``keep_shards``, and the shared settings
+``num_threads``, ``device``,
 ``progress``.
 """
 
@@ -41,52 +42,33 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
+from ..config import RuntimeSettings, read_config
+from ..data.embeddings import EMBEDDINGS_FILE, IDS_FILE
+from ..data.item_text import item_texts
 from ..data.loaders import DatasetConfig, load_dataset
-from .config import ConfigError, read_config
-from ..llm.backbone import resolve_dtype
-from ..llm.multimodal import BASE, MultimodalLM, MultimodalLMConfig
+from ..errors import ConfigError
+from ..features.cache import item_feature_matrix
+from ..files import META_KEY, atomic_save_tensors, atomic_write_text, folder_fingerprint
+from ..llm.builder import LMSpec, build_multimodal, check_adapter, multimodal_config, pretrained_config, \
+    resolve_device
+from ..llm.multimodal import MultimodalLM, MultimodalLMConfig
 
 FORMAT = 1
-TINY = "tiny"
-from ..data.embeddings import EMBEDDINGS_FILE, IDS_FILE  # noqa: E402  (one definition of the folder layout)
-META_KEY = "distillrec"
 
 
-class LMSpec(BaseModel):
-    """Which causal LM to load."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "smollm2-135m-instruct"  # bundled SmolLM2, a Hugging Face id / local folder, or "tiny" (tests)
-    dtype: str = "float32"
-    seed: int = 0  # seeds "tiny" and every randomly initialised trainable part (identical on every rank)
-    cache_dir: str | None = None
-    attn_implementation: str | None = None
-    device: str | None = None  # None: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        resolve_dtype(v)
-        return v
-
-
-class EmbedConfig(BaseModel):
-    """Configuration of ``distillrec embed`` (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid")
+class EmbedConfig(RuntimeSettings):
+    """Configuration of ``distillrec embed`` (see the module docstring); ``num_threads``, ``device`` and ``progress``
+    are the settings every job shares."""
 
     dataset: DatasetConfig
     lm: LMSpec = Field(default_factory=LMSpec)
@@ -97,10 +79,8 @@ class EmbedConfig(BaseModel):
     text_fields: list[str] | None = None
     batch_size: int = Field(16, ge=1)
     shard_size: int = Field(1024, ge=1)
-    output: str | None = None
+    out: str | None = None  # default folder (--out wins)
     keep_shards: bool = True
-    num_threads: int | None = Field(None, ge=1)
-    progress: bool = True
 
 
 def load_embed_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> EmbedConfig:
@@ -113,20 +93,6 @@ def load_embed_config(source: str | Path | dict[str, Any], overrides: list[str] 
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _read_meta(path: Path) -> dict[str, Any] | None:
     """The JSON metadata of a file we wrote, or None when it is missing or unreadable."""
     from safetensors import safe_open
@@ -138,97 +104,25 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _folder_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        h.update(f.name.encode() + b"\0")
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
-
-
-def _device(spec: LMSpec) -> torch.device:
-    if spec.device:
-        return torch.device(spec.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def effective_multimodal_config(cfg: EmbedConfig, d_image: int | None) -> MultimodalLMConfig:
     """The MultimodalLMConfig the model is built with (``pretrained``'s own, or ``multimodal`` completed)."""
     if cfg.pretrained is not None:
-        meta_path = Path(cfg.pretrained) / "config.json"
-        if not meta_path.is_file():
-            raise ConfigError(f"pretrained: '{meta_path}' not found (expected a folder written by save_trainable)")
-        mm = MultimodalLMConfig(**json.loads(meta_path.read_text())["config"])
+        mm = pretrained_config(cfg.pretrained)
         if d_image is not None and mm.d_image != d_image:
             raise ConfigError(f"image_features '{cfg.image_features}' are {d_image}-d but the pretrained connector "
                               f"expects d_image={mm.d_image}")
         return mm
-    update: dict[str, Any] = {"base": cfg.lm.name, "dtype": cfg.lm.dtype}
-    if d_image is not None:
-        if "d_image" in cfg.multimodal.model_fields_set and cfg.multimodal.d_image != d_image:
-            raise ConfigError(f"multimodal.d_image={cfg.multimodal.d_image} but image_features "
-                              f"'{cfg.image_features}' are {d_image}-d; remove multimodal.d_image or fix it")
-        update["d_image"] = d_image
-    return MultimodalLMConfig(**(cfg.multimodal.model_dump() | update))
+    if d_image is not None and "d_image" in cfg.multimodal.model_fields_set and cfg.multimodal.d_image != d_image:
+        raise ConfigError(f"multimodal.d_image={cfg.multimodal.d_image} but image_features "
+                          f"'{cfg.image_features}' are {d_image}-d; remove multimodal.d_image or fix it")
+    return multimodal_config(cfg.lm, cfg.multimodal.model_dump(), **({} if d_image is None else {"d_image": d_image}))
 
 
 def build_model(cfg: EmbedConfig, mm_cfg: MultimodalLMConfig) -> MultimodalLM:
     """The LM named by ``cfg.lm`` wrapped in a MultimodalLM (``pretrained`` parts loaded), in eval mode."""
-    from ..llm.backbone import load_causal_lm, tiny_llama
-
-    dev = _device(cfg.lm)
-    try:
-        if cfg.lm.name == TINY:
-            tok, lm = tiny_llama(seed=cfg.lm.seed)
-            lm.to(device=dev, dtype=resolve_dtype(cfg.lm.dtype))
-        else:
-            tok, lm = load_causal_lm(cfg.lm.name, cfg.lm.dtype, cfg.lm.cache_dir, device=dev,
-                                     attn_implementation=cfg.lm.attn_implementation)
-    except (OSError, ValueError, ModuleNotFoundError) as e:
-        raise ConfigError(f"lm.name '{cfg.lm.name}': could not load the language model: {e}") from None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.lm.seed)
-        try:
-            with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
-                warnings.filterwarnings("ignore", category=FutureWarning)
-                mm = MultimodalLM(tok, lm, mm_cfg)
-            if cfg.pretrained is not None:
-                mm.load_trainable(cfg.pretrained)
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"multimodal/pretrained: {e}") from None
-    if cfg.adapter != BASE and cfg.adapter not in mm_cfg.adapters:
-        raise ConfigError(f"adapter '{cfg.adapter}' is not one of the model's adapters {mm_cfg.adapters} "
-                          f"(or '{BASE}' for the LM without LoRA)")
+    mm = build_multimodal(cfg.lm, mm_cfg, device=cfg.device, pretrained=cfg.pretrained)
+    check_adapter(mm, cfg.adapter)
     return mm.eval()
-
-
-def item_texts(items: Any, text_fields: list[str] | None) -> list[str]:
-    """The text of items 1..n: the named fields joined by ". " (None: every field; []: no text at all, the
-    "without text" ablation); an unknown field is a ConfigError that names it."""
-    if text_fields is not None:
-        unknown = [f for f in text_fields if f not in items.text]
-        if unknown:
-            raise ConfigError(f"text_fields: unknown field(s) {unknown}; the dataset has {list(items.text)}")
-    return [items.item_text(i, text_fields) if text_fields != [] else "" for i in range(1, items.n_items + 1)]
-
-
-def item_image_matrix(name: str | None, items: Any, progress: bool = True) -> np.ndarray | None:
-    """The item feature matrix ``name`` (float32 [n_items + 1, d]); the bundled image encoder's feature is computed
-    (and cached) when the dataset has image paths. ``None`` -> ``None`` (no image input)."""
-    if name is None:
-        return None
-    if name not in items.features:
-        from ..features.cache import encode_missing_features
-        from ..features.image import ImageEncoder
-
-        default = ImageEncoder().feature_name
-        if not (name == default and encode_missing_features(items, [name], show_progress=progress)):
-            have = ", ".join(sorted(items.features)) or "none"
-            hint = f"; '{default}' is computed when the dataset has image paths" if not items.image_paths else ""
-            raise ConfigError(f"image_features: the dataset has no feature matrix '{name}' (it has: {have}){hint}")
-    return np.asarray(items.features[name], dtype=np.float32)
 
 
 def prompt_lengths(mm: MultimodalLM, texts: list[str], image_rows: np.ndarray | None) -> np.ndarray:
@@ -245,14 +139,14 @@ def prompt_lengths(mm: MultimodalLM, texts: list[str], image_rows: np.ndarray | 
 
 def _config_hash(cfg: EmbedConfig, mm_cfg: MultimodalLMConfig, ids: list[str], texts: list[str],
                  image: np.ndarray | None) -> str:
-    """What the embeddings depend on (not batch_size, output, threads, progress)."""
+    """What the embeddings depend on (not batch_size, out, threads, device, progress)."""
     h = hashlib.sha256()
     spec = {
         "format": FORMAT,
         "dataset": cfg.dataset.model_dump(mode="json"),
-        "lm": cfg.lm.model_dump(mode="json", exclude={"cache_dir", "device"}),
+        "lm": cfg.lm.model_dump(mode="json", exclude={"cache_dir"}),
         "multimodal": mm_cfg.model_dump(mode="json"),
-        "pretrained": _folder_fingerprint(Path(cfg.pretrained)) if cfg.pretrained else None,
+        "pretrained": folder_fingerprint(cfg.pretrained) if cfg.pretrained else None,
         "adapter": cfg.adapter,
         "image_features": cfg.image_features,
         "text_fields": cfg.text_fields,
@@ -295,16 +189,16 @@ def embed_items(cfg: EmbedConfig, out_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     rank, world = init_distributed()
-    if torch.cuda.is_available() and cfg.lm.device is None:
-        torch.cuda.set_device(_device(cfg.lm))
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg.apply()
 
     ds = load_dataset(cfg.dataset)
     items = ds.items
     n = items.n_items
     texts = item_texts(items, cfg.text_fields)
-    image = item_image_matrix(cfg.image_features, items, cfg.progress)
+    image = item_feature_matrix(cfg.image_features, items, cfg.progress)
     has_image = None if image is None else np.asarray(image[1:].any(-1))
     mm_cfg = effective_multimodal_config(cfg, None if image is None else int(image.shape[1]))
     config_hash = _config_hash(cfg, mm_cfg, items.ids, texts, image)
@@ -347,7 +241,7 @@ def embed_items(cfg: EmbedConfig, out_dir: str | Path) -> dict[str, Any]:
             tensors = {key: torch.cat(v) for key, v in parts.items()}
             tensors["items"] = torch.from_numpy(idx + 1)
             meta = {"config_hash": config_hash, "shard": k, "n_shards": len(shards), "n": len(idx)}
-            _atomic_save(tensors, shard_path(out_dir, k), {META_KEY: json.dumps(meta)})
+            atomic_save_tensors(shard_path(out_dir, k), tensors, {META_KEY: json.dumps(meta)})
     bar.close()
     barrier()
 
@@ -400,9 +294,9 @@ def _merge(cfg: EmbedConfig, mm_cfg: MultimodalLMConfig, out_dir: Path, shards: 
         "connector": mm_cfg.connector,
         "rows": "row 0 = padding (zeros), row i = internal item i; external ids in item_ids.json",
     }
-    _atomic_write_text(out_dir / IDS_FILE, json.dumps([None, *ids]))
-    _atomic_write_text(out_dir / "embed_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    _atomic_save(full, out_dir / EMBEDDINGS_FILE, {META_KEY: json.dumps(meta)})
+    atomic_write_text(out_dir / IDS_FILE, json.dumps([None, *ids]))
+    atomic_write_text(out_dir / "embed_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_save_tensors(out_dir / EMBEDDINGS_FILE, full, {META_KEY: json.dumps(meta)})
     for tmp in (out_dir / "shards").glob(".shard-*.tmp-*"):  # left by killed runs; every rank has finished
         tmp.unlink(missing_ok=True)
     if not cfg.keep_shards:

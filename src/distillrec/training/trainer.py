@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import time
 from pathlib import Path
@@ -28,25 +27,15 @@ from tqdm.auto import tqdm
 from ..data.batching import causal_batch, causal_windows, example_batch, length_bucketed_batches
 from ..data.dataset import Dataset
 from ..data.loaders import load_dataset
+from ..errors import ConfigError
 from ..evaluation.evaluator import rank_examples, summarise
 from ..evaluation.metrics import aggregate_seeds
 from ..evaluation.report import plot_curves, render_run_report
-from ..features.cache import encode_missing_features
+from ..files import atomic_write_text, prepare_out
 from ..models import Recommender, build_model
+from ..runs import RunConfig, RunFolder, check_feature_names, dump_config, evaluate_run, load_run_dataset
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
-from .config import RunConfig, dump_config
 from .distributed import barrier, gather_rows, init_distributed, shard
-
-
-def load_run_dataset(cfg: RunConfig, dataset: Dataset | None = None) -> Dataset:
-    """The run's dataset (loaded from ``cfg.dataset`` unless given) with the default encoders' features that the
-    model names (``text_minilm``, ``image_effnet_lite0``) computed when absent, through the feature cache."""
-    dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
-    names = cfg.model.params.get("features") or []
-    if isinstance(names, str):
-        names = [names]
-    encode_missing_features(dataset.items, list(names), show_progress=cfg.train.progress)
-    return dataset
 
 
 def peak_rss_mb() -> float:
@@ -61,7 +50,10 @@ def _make_logger(out_dir: Path, rank: int) -> logging.Logger:
     logger = logging.getLogger(f"distillrec.run.{out_dir.resolve()}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    if not logger.handlers and rank == 0:
+    for h in list(logger.handlers):  # a handler of an earlier run in this process may hold a deleted file
+        logger.removeHandler(h)
+        h.close()
+    if rank == 0:
         fh = logging.FileHandler(out_dir / "train.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger.addHandler(fh)
@@ -85,8 +77,8 @@ def train_one_seed(
 ) -> dict[str, Any]:
     rank, world = init_distributed()
     tc = cfg.train
-    ckpt_dir = out_dir / "checkpoints" / f"seed{seed}"
-    last_path, best_path = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
+    folder = RunFolder(out_dir)
+    last_path, best_path = folder.checkpoint(seed, "last"), folder.checkpoint(seed, "best")
     evaluator = _RankedEval(cfg, rank, world)
     select = cfg.eval.select_metric
 
@@ -194,9 +186,9 @@ def train_one_seed(
     valid = summarise(valid_ranks, dataset.valid, dataset, cfg.eval, with_slices=False)
     test = summarise(test_ranks, dataset.test, dataset, cfg.eval)
     if rank == 0:
-        (out_dir / "ranks").mkdir(exist_ok=True)
-        np.save(out_dir / "ranks" / f"valid_seed{seed}.npy", valid_ranks)
-        np.save(out_dir / "ranks" / f"test_seed{seed}.npy", test_ranks)
+        folder.ranks_dir.mkdir(exist_ok=True)
+        np.save(folder.ranks("valid", seed), valid_ranks)
+        np.save(folder.ranks("test", seed), test_ranks)
     logger.info(f"seed {seed}: best epoch {best_epoch + 1}, valid {select} {valid['metrics'][select]:.4f}, "
                 f"test {select} {test['metrics'][select]:.4f}")
     return {
@@ -225,25 +217,65 @@ def _mean_slices(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def prepare_run_folder(cfg: RunConfig, out_dir: Path, *, resume: bool) -> RunFolder:
+    """Create the run folder, or check an existing one: resuming needs the same config (a different one is refused
+    with the differing keys named, before anything is overwritten); without ``resume``, only what ``train`` writes is
+    removed, and only from a folder that is a run folder."""
+    folder = RunFolder(out_dir)
+    if resume and folder.config.is_file():
+        diff = _changed_keys(yaml_load(folder.config), cfg.model_dump(mode="json"))
+        if diff:
+            raise ConfigError(f"'{folder.root}' holds a run of another config (differs in {', '.join(diff)}); "
+                              "use another --out, or --restart to replace it")
+    prepare_out(folder.root, [p.name for p in folder.outputs()], restart=not resume, marker=folder.config.name)
+    return folder
+
+
+def yaml_load(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (runtime settings, which change no result, are ignored)."""
+    from ..config import RUNTIME_KEYS
+
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            if prefix == "train." and k in RUNTIME_KEYS:
+                continue
+            out += _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
 def run(
-    cfg: RunConfig, out_dir: str | Path, resume: bool = False, dataset: Dataset | None = None
+    cfg: RunConfig, out_dir: str | Path, resume: bool = True, dataset: Dataset | None = None
 ) -> dict[str, Any]:
     """Train and evaluate ``cfg`` for every seed; writes config.yaml, metrics.json, report.md, train.log and
-    checkpoints into ``out_dir`` and returns the metrics dictionary."""
+    checkpoints into ``out_dir`` and returns the metrics dictionary. ``resume`` (the default): a folder holding a run
+    of the same config continues from its last checkpoints (finished seeds are reused); ``resume=False`` starts
+    over. The dataset and the features the model names are checked before the folder is touched."""
     rank, world = init_distributed()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    cfg.train.apply()
+    dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
+    check_feature_names(cfg, dataset)
+    if not (len(dataset.valid) and len(dataset.test)):
+        raise ConfigError(f"dataset '{dataset.name}' has {len(dataset.valid)} validation and {len(dataset.test)} test "
+                          "rows: nothing to select or test on (see `distillrec data inspect`)")
+    folder = prepare_run_folder(cfg, out_dir, resume=resume) if rank == 0 else RunFolder(out_dir)
+    barrier()
     logger = _make_logger(out_dir, rank)
     if rank == 0:
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
+        atomic_write_text(folder.config, dump_config(cfg))
     dataset = load_run_dataset(cfg, dataset)
     protocol = cfg.eval.describe(dataset, cfg.train.max_len)
     logger.info(f"model {cfg.model.name} on {dataset.name}: {json.dumps(dataset.statistics())}")
     logger.info(f"protocol {protocol['hash']}: {json.dumps(protocol)}")
-    if dataset.report.skipped:
-        logger.info(f"loader skipped rows: {dataset.report.summary()}")
+    logger.info(f"loader report: {dataset.report.summary()}")
 
     per_seed = [train_one_seed(cfg, dataset, s, out_dir, resume, logger) for s in cfg.train.seeds]
     valid_agg = aggregate_seeds([s["valid"] for s in per_seed])
@@ -270,45 +302,11 @@ def run(
         },
     }
     if rank == 0:
-        tmp = out_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=1))
-        os.replace(tmp, out_dir / "metrics.json")
-        curves = plot_curves(per_seed, out_dir / "curves.png")
-        (out_dir / "report.md").write_text(render_run_report(metrics, curves_png=curves))
+        atomic_write_text(folder.metrics, json.dumps(metrics, indent=1))
+        curves = plot_curves(per_seed, folder.curves)
+        atomic_write_text(folder.report, render_run_report(metrics, curves_png=curves))
     barrier()
     return metrics
 
 
-def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
-    """Re-evaluate the best checkpoints of a finished run on valid and test (returns per-seed and mean metrics)."""
-    from .config import load_config
-
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    dataset = load_run_dataset(cfg)
-    per_seed = []
-    for seed in cfg.train.seeds:
-        best = run_dir / "checkpoints" / f"seed{seed}" / "best.safetensors"
-        torch.manual_seed(seed)
-        model = build_model(cfg.model.name, cfg.model.params, dataset)
-        model.fit(dataset)
-        if model.trainable:
-            if not best.exists():
-                raise FileNotFoundError(f"{best} not found: seed {seed} did not finish; rerun train with --resume")
-            load_checkpoint(best, model)
-        out = {"seed": seed}
-        for split in ("valid", "test"):
-            ex = getattr(dataset, split)
-            ranks = rank_examples(model, ex, cfg.eval, cfg.train.max_len)
-            out[split] = summarise(ranks, ex, dataset, cfg.eval, with_slices=False)["metrics"]
-        per_seed.append(out)
-    return {
-        "model": cfg.model.name,
-        "dataset": dataset.name,
-        "valid": {k: v["mean"] for k, v in aggregate_seeds([s["valid"] for s in per_seed]).items()},
-        "test": {k: v["mean"] for k, v in aggregate_seeds([s["test"] for s in per_seed]).items()},
-        "seeds": per_seed,
-    }
-
-
-__all__ = ["run", "evaluate_run", "read_state", "peak_rss_mb"]
+__all__ = ["run", "evaluate_run", "prepare_run_folder", "read_state", "peak_rss_mb"]

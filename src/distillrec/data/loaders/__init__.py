@@ -5,11 +5,19 @@ in configs either by a known name (``amazon2018-scientific-text``: format and fo
 :data:`KNOWN_DATASETS`, the folder under the data root) or by ``format`` + ``path``.
 The data root is ``$DISTILLREC_DATA_ROOT`` if set, else the first existing of ``./shared/datasets``,
 ``../shared/datasets`` (from the working directory and from this checkout).
+
+A loader's options are its keyword parameters; :func:`validate_loader_options` checks names and value types against
+them (a config layer calls it when the config is read; :func:`load_dataset` calls it too). The row, file and id
+helpers every loader shares live in :mod:`._io`.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,10 +97,102 @@ def resolve(cfg: DatasetConfig) -> tuple[str, Path | None, dict[str, Any]]:
     return fmt, path, options
 
 
+def loader_options(fmt: str) -> dict[str, inspect.Parameter]:
+    """The options of format ``fmt``'s loader: its keyword parameters (the path excepted), in signature order."""
+    params = list(inspect.signature(_LOADERS[fmt]).parameters.values())
+    return {p.name: p for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _loader_format(fmt_or_name: str) -> str:
+    if fmt_or_name in _LOADERS:
+        return fmt_or_name
+    if fmt_or_name in KNOWN_DATASETS:
+        return KNOWN_DATASETS[fmt_or_name][0]
+    raise DataError(
+        f"dataset '{fmt_or_name}' is not a known name or format; known names: {', '.join(sorted(KNOWN_DATASETS))}; "
+        f"formats: {', '.join(sorted(_LOADERS))}"
+    )
+
+
+_TYPE_WORDS = {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "text",
+               Path: "a path"}
+
+
+def _type_parts(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [x for a in typing.get_args(tp) for x in _type_parts(a)]
+    return [tp]
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    if tp is Any or tp not in _TYPE_WORDS:
+        return True  # not checked
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return isinstance(value, (str, Path))  # Path
+
+
+def _check_options(fmt_or_name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the loader's parameters; numbers given for text-only options become text."""
+    fmt = _loader_format(fmt_or_name)
+    params = loader_options(fmt)
+    fn = _LOADERS[fmt]
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: names are still checked
+        hints = {}
+    valid = ", ".join(f"{n} (default {p.default!r})" for n, p in params.items()) or "none"
+    # a loader taking **options checks their names itself (e.g. "demo")
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    out = dict(options)
+    for key, value in options.items():
+        if key not in params and open_ended and key != "path":
+            continue
+        if key not in params:
+            if key == "path":
+                raise DataError(f"dataset option 'path': give the path as dataset.path, not among the options of "
+                                f"format '{fmt}'; its options: {valid}")
+            close = difflib.get_close_matches(str(key), list(params), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise DataError(f"dataset option '{key}' is not an option of format '{fmt}'; {hint}"
+                            f"the options of '{fmt}' are: {valid}")
+        if key not in hints:
+            continue
+        parts = _type_parts(hints[key])
+        if any(_accepts(t, value) for t in parts):
+            continue
+        if str in parts and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = str(value)  # e.g. stem: 2014 read from YAML as a number
+            continue
+        words = " or ".join(dict.fromkeys(_TYPE_WORDS.get(t, getattr(t, "__name__", str(t))) for t in parts))
+        raise DataError(f"dataset option {key}={value!r} of format '{fmt}': expected {words} "
+                        f"(default {params[key].default!r})")
+    return out
+
+
+def validate_loader_options(fmt_or_name: str, options: dict[str, Any]) -> None:
+    """Check a dataset's loader options before anything is loaded or computed.
+
+    ``fmt_or_name`` is a format (``s3rec``) or a known dataset name (``amazon2014-beauty``). Raises a
+    :class:`DataError` that names an unknown option (with the closest valid name) and lists the valid ones with
+    their defaults, or names an option whose value has the wrong type and says which type it needs.
+    """
+    _check_options(fmt_or_name, options)
+
+
 def load_dataset(cfg: DatasetConfig | dict) -> Dataset:
     if isinstance(cfg, dict):
         cfg = DatasetConfig(**cfg)
     fmt, path, options = resolve(cfg)
+    options = _check_options(fmt, options)
     ds = _LOADERS[fmt](path, **options) if path is not None else _LOADERS[fmt](**options)
     ds.name = cfg.name
     if cfg.embeddings:

@@ -20,7 +20,6 @@ raises a DataError.
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections import Counter
 from pathlib import Path
@@ -30,39 +29,29 @@ import numpy as np
 
 from ..dataset import DataError, Dataset, Examples, ItemTable, LoadReport, leave_one_out
 from . import register_loader
-from .recbole_atomic import as_folder
+from ._io import as_folder, iter_lines
 
 _MAX_NOTES = 3
 
 
 def iter_json_lines(path: Path, report: LoadReport):
     """Yield (line number, dict) for each parsable JSON object line; malformed lines are counted and skipped."""
-    opener = gzip.open if path.name.endswith(".gz") else open
     n_lines = n_bad = 0
     first_error = ""
-    try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                n_lines += 1
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict):
-                        raise ValueError("not a JSON object")
-                except ValueError as e:
-                    n_bad += 1
-                    if n_bad == 1:
-                        first_error = str(e)[:80]
-                    if n_bad <= _MAX_NOTES:
-                        report.notes.append(f"{path.name} line {lineno}: malformed JSON skipped ({str(e)[:60]})")
-                    continue
-                yield lineno, obj
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot be read ({e}); check that the file is complete and gzip-compressed "
-                        "when its name ends in .gz") from None
-    if n_lines == 0:
-        raise DataError(f"{path}: the file is empty; give one JSON object per line")
+    for lineno, line in iter_lines(path, report=report, errors="replace", expect="one JSON object per line"):
+        n_lines += 1
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            n_bad += 1
+            if n_bad == 1:
+                first_error = str(e)[:80]
+            if n_bad <= _MAX_NOTES:
+                report.notes.append(f"{path.name} line {lineno}: malformed JSON skipped ({str(e)[:60]})")
+            continue
+        yield lineno, obj
     if n_bad:
         report.skip(f"malformed JSON lines in {path.name}", n_bad)
     if n_bad == n_lines:

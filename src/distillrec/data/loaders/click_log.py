@@ -27,7 +27,7 @@ import numpy as np
 
 from ..dataset import DataError, Dataset, Examples, ItemTable, LoadReport
 from . import known_dataset, register_loader
-from .recbole_atomic import as_folder, find_one, read_lines
+from ._io import TextRows, as_folder, find_one
 
 _DAY = 86400.0
 
@@ -36,14 +36,14 @@ def _norm(col: str) -> str:
     return col.strip().lower().replace("_", "")
 
 
-def _columns(line: str, path: Path, sep: str, required: dict[str, str]) -> dict[str, int]:
+def _columns(line: str, path: Path, sep: str, required: dict[str, str], lineno: int = 1) -> dict[str, int]:
     names = [_norm(c) for c in line.split(sep)]
     cols = {}
     for key, shown in required.items():
         if key not in names:
             raise DataError(
-                f"{path}, line 1: header {line.split(sep)} lacks the column '{shown}'; the first line must name the "
-                f"columns {list(required.values())} separated by {sep!r}"
+                f"{path}, line {lineno}: header {line.split(sep)} lacks the column '{shown}'; the first line must "
+                f"name the columns {list(required.values())} separated by {sep!r}"
             )
         cols[key] = names.index(key)
     return cols
@@ -106,17 +106,15 @@ def load_diginetica(path: Path | str | None = None, *, file: str | None = None, 
     csv_path = Path(path) if path is not None and Path(path).is_file() else (
         folder / file if file else find_one(folder, "*.csv", "DIGINETICA click log", "file"))
     report = LoadReport()
-    lines = read_lines(csv_path)
-    cols = _columns(lines[0], csv_path, ";", {"sessionid": "session_id", "itemid": "item_id",
-                                               "timeframe": "timeframe", "eventdate": "eventdate"})
+    rows = TextRows(csv_path, ";", header=True, report=report)
+    cols = _columns(rows.header_line, csv_path, ";", {"sessionid": "session_id", "itemid": "item_id",
+                                                      "timeframe": "timeframe", "eventdate": "eventdate"},
+                    rows.header_lineno)
     cs, ci, ct, cd = cols["sessionid"], cols["itemid"], cols["timeframe"], cols["eventdate"]
     width = max(cols.values()) + 1
     events: dict[str, list[tuple[float, int, str]]] = {}
     dates: dict[str, str] = {}
-    for lineno, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        parts = line.split(";")
+    for lineno, parts in rows:
         if len(parts) < width:
             raise DataError(f"{csv_path}, line {lineno}: {len(parts)} ';'-separated field(s), the header names "
                             f"{width}; each row is session_id;user_id;item_id;timeframe;eventdate")
@@ -194,16 +192,14 @@ def load_diginetica(path: Path | str | None = None, *, file: str | None = None, 
                   [(k, sessions[k]) for k in test_ids], report, protocol)
 
 
-def _read_yoochoose(path: Path) -> dict[str, list[str]]:
-    lines = read_lines(path)
-    cols = _columns(lines[0], path, "\t", {"sessionid": "SessionId", "itemid": "ItemId", "time": "Time"})
+def _read_yoochoose(path: Path, report: LoadReport) -> dict[str, list[str]]:
+    rows = TextRows(path, "\t", header=True, report=report)
+    cols = _columns(rows.header_line, path, "\t", {"sessionid": "SessionId", "itemid": "ItemId", "time": "Time"},
+                    rows.header_lineno)
     cs, ci, ct = cols["sessionid"], cols["itemid"], cols["time"]
     width = max(cols.values()) + 1
     events: dict[str, list[tuple[float, int, str]]] = {}
-    for lineno, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
+    for lineno, parts in rows:
         if len(parts) < width:
             raise DataError(f"{path}, line {lineno}: {len(parts)} tab-separated field(s); each row is "
                             "SessionId\\tItemId\\tTime")
@@ -225,14 +221,14 @@ def load_yoochoose(path: Path | str | None = None, *, prefix: str | None = None,
     names = {"train": "_train_full.txt" if use_train_full else "_train_tr.txt", "test": "_test.txt"}
     if not use_train_full:
         names["valid"] = "_train_valid.txt"
+    report = LoadReport()
     parts = {}
     for part, suffix in names.items():
         p = folder / f"{prefix}{suffix}"
         if not p.is_file():
             raise DataError(f"{p}: file not found; the folder must hold {prefix}{suffix} "
                             "(session-rec's prepared files)")
-        parts[part] = _read_yoochoose(p)
-    report = LoadReport()
+        parts[part] = _read_yoochoose(p, report)
     train_all = list(parts["train"].items())  # file order
     train = [(k, s) for k, s in train_all if len(s) >= 2]
     report.skip("training sessions shorter than 2", len(train_all) - len(train))

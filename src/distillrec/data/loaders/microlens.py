@@ -7,14 +7,13 @@ the item's external id is its MicroLens id as a string and its text field "title
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 
 import numpy as np
 
 from ..dataset import DataError, Dataset, ItemTable, LoadReport, leave_one_out
 from . import known_dataset, register_loader
-from .recbole_atomic import as_folder, find_one, parse_ints, read_lines
+from ._io import TextRows, as_folder, find_one, iter_lines, parse_ints
 
 
 @register_loader("microlens")
@@ -24,19 +23,16 @@ def load_microlens(path: Path | str | None = None, *, pairs: str | None = None, 
     report = LoadReport()
     users: list[str] = []
     raw: list[list[int]] = []
-    for lineno, line in enumerate(read_lines(pairs_path), 1):
-        if not line.strip():
-            continue
-        user, sep, rest = line.partition("\t")
-        if not sep:
+    for lineno, parts in TextRows(pairs_path, "\t", maxsplit=1, report=report):
+        if len(parts) < 2:
             raise DataError(
                 f"{pairs_path}, line {lineno}: no tab after the user id; each line must be 'user\\titem item ...'"
             )
-        ids = parse_ints(rest, pairs_path, lineno, "item list")
+        ids = parse_ints(parts[1], pairs_path, lineno, "item list")
         if not ids:
             report.skip("users without items")
             continue
-        users.append(user.strip())
+        users.append(parts[0].strip())
         raw.append(ids)
     if not raw:
         raise DataError(f"{pairs_path}: no user has any item; each line must be 'user\\titem item ...'")
@@ -47,8 +43,8 @@ def load_microlens(path: Path | str | None = None, *, pairs: str | None = None, 
 
     titles_path = folder / titles if titles else next(iter(sorted(folder.glob("*titles.csv"))), None)
     if titles_path is not None:
-        lines = read_lines(titles_path)
-        reader = csv.reader(io.StringIO("\n".join(lines)))
+        # csv reads quoted titles that span lines; every line goes to it, and row numbers are file lines
+        reader = csv.reader(line + "\n" for _, line in iter_lines(titles_path, skip_blank=False))
         header = [h.strip().lower() for h in next(reader)]
         if "item" not in header or "title" not in header:
             raise DataError(
@@ -57,7 +53,8 @@ def load_microlens(path: Path | str | None = None, *, pairs: str | None = None, 
         ci, ct = header.index("item"), header.index("title")
         text = [""] * items.n_items
         unknown = 0
-        for rowno, row in enumerate(reader, 2):
+        for row in reader:
+            rowno = reader.line_num
             if not row:
                 continue
             if len(row) <= max(ci, ct):

@@ -17,12 +17,12 @@ history must equal it (both checked; disagreements are counted in the report). T
 their last 50 items (UniSRec's max length); the loader rebuilds the full sequences from the overlapping rows and
 restores cut valid/test histories, noting how many.
 
-This module also holds the small file helpers the other loaders share.
+Without ``<Name>.item2index`` the indices must be non-negative and dense enough to be used as indices (see
+``_io.dense_id_limit``); a negative or far-too-large index is an error naming its file and line.
 """
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 from typing import Any
 
@@ -30,109 +30,17 @@ import numpy as np
 
 from ..dataset import DataError, Dataset, Examples, ItemTable, LoadReport
 from . import known_dataset, register_loader
-
-# --------------------------------------------------------------------------------------------------------------------
-# shared helpers
-
-
-def as_folder(path: Path | str | None, fmt: str) -> Path:
-    """The folder a loader reads: ``path`` itself, or the folder of a file inside it."""
-    if path is None:
-        raise DataError(f"format '{fmt}' needs a path: give dataset.path (the folder that holds the files)")
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: does not exist; give the folder that holds the {fmt} files")
-    return p if p.is_dir() else p.parent
-
-
-def find_one(folder: Path, pattern: str, what: str, option: str, *, exclude: tuple[str, ...] = ()) -> Path:
-    """The single file in ``folder`` matching ``pattern`` (a glob), or a DataError saying what to do."""
-    found = sorted(p for p in folder.glob(pattern) if p.is_file() and not any(p.name.endswith(e) for e in exclude))
-    if not found:
-        raise DataError(f"{folder}: no {what} file ({pattern}) found; put it there or give the option '{option}'")
-    if len(found) > 1:
-        names = ", ".join(p.name for p in found[:6])
-        raise DataError(f"{folder}: several {what} files match {pattern} ({names}); choose one with the option '{option}'")
-    return found[0]
-
-
-def require_file(path: Path, what: str, fix: str) -> Path:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} file not found; {fix}")
-    return path
-
-
-def read_lines(path: Path) -> list[str]:
-    """All lines of a text file (gzip when the name ends in .gz), without line ends; DataError on unreadable files."""
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                text = f.read()
-        else:
-            text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        line = 1 + (e.object[: e.start].count(b"\n") if isinstance(e.object, bytes) else 0)
-        raise DataError(f"{path}, line {line}: not valid UTF-8 text ({e.reason}); re-save the file as UTF-8") from None
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{path}: cannot be read ({e}); check that the file is complete (and gzip when named .gz)") from None
-    lines = text.splitlines()
-    if not any(line.strip() for line in lines):
-        raise DataError(f"{path}: the file is empty; give a file with data rows")
-    return lines
-
-
-def parse_int(tok: str, path: Path, lineno: int, field: str) -> int:
-    try:
-        return int(tok)
-    except ValueError:
-        raise DataError(
-            f"{path}, line {lineno}: {field} '{tok[:40]}' is not an integer; ids in this file must be integers"
-        ) from None
-
-
-def parse_ints(text: str, path: Path, lineno: int, field: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split()]
-    except ValueError:
-        bad = next(t for t in text.split() if not t.lstrip("-").isdigit())
-        raise DataError(
-            f"{path}, line {lineno}: {field} contains '{bad[:40]}', which is not an integer id; "
-            "give space-separated integer ids"
-        ) from None
-
-
-def header_columns(line: str, path: Path, sep: str, required: list[str], *, strip_types: bool = True) -> dict[str, int]:
-    """Column name (``name:type`` reduced to ``name``) -> position; DataError naming missing columns."""
-    names = [c.strip() for c in line.split(sep)]
-    if strip_types:
-        names = [c.split(":", 1)[0] for c in names]
-    cols = {n: i for i, n in enumerate(names)}
-    missing = [r for r in required if r not in cols]
-    if missing:
-        raise DataError(
-            f"{path}, line 1: header {names} lacks column(s) {missing}; the first line must name the columns "
-            f"{required} separated by {sep!r}"
-        )
-    return cols
-
-
-def dense_ids(ids: list[str]) -> dict[str, int]:
-    return {e: i + 1 for i, e in enumerate(ids)}
-
+from ._io import TextRows, as_folder, check_dense_ids, find_one, parse_int, parse_ints, require_file
 
 # --------------------------------------------------------------------------------------------------------------------
 # the loader
 
 
-def _read_index(path: Path, what: str) -> list[str]:
+def _read_index(path: Path, what: str, report: LoadReport) -> list[str]:
     """``<ext id> \\t <0-based index>`` -> list of external ids in index order."""
     pairs: dict[int, str] = {}
-    for lineno, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
+    where: dict[int, int] = {}
+    for lineno, parts in TextRows(path, "\t", report=report):
         if len(parts) != 2:
             raise DataError(f"{path}, line {lineno}: expected '<{what} id>\\t<index>', got {len(parts)} column(s)")
         if lineno == 1 and not parts[1].strip().lstrip("-").isdigit():
@@ -141,24 +49,27 @@ def _read_index(path: Path, what: str) -> list[str]:
         if idx in pairs:
             raise DataError(f"{path}, line {lineno}: index {idx} is given twice; each index must appear once")
         pairs[idx] = parts[0].strip()
+        where[idx] = lineno
     n = len(pairs)
     if n and (min(pairs) != 0 or max(pairs) != n - 1):
+        bad = min(pairs) if min(pairs) != 0 else max(pairs)
         raise DataError(
-            f"{path}: indices run {min(pairs)}..{max(pairs)} for {n} rows; they must be dense 0..{n - 1}"
+            f"{path}, line {where[bad]}: index {bad}; the indices run {min(pairs)}..{max(pairs)} for {n} rows and "
+            f"must be dense 0..{n - 1}"
         )
     return [pairs[i] for i in range(n)]
 
 
-def _read_inter(path: Path, n_items: int | None) -> tuple[list[str], list[list[int]], list[int]]:
-    lines = read_lines(path)
-    cols = header_columns(lines[0], path, "\t", ["user_id", "item_id_list", "item_id"])
+def _read_inter(path: Path, n_items: int | None, report: LoadReport
+                ) -> tuple[list[str], list[list[int]], list[int], tuple[int, int]]:
+    """(users, histories, targets, (largest item index, its line)) of one ``.inter`` file."""
+    rows = TextRows(path, "\t", header=True, report=report)
+    cols = rows.columns(["user_id", "item_id_list", "item_id"])
     cu, cl, ci = cols["user_id"], cols["item_id_list"], cols["item_id"]
     width = max(cu, cl, ci) + 1
     users, hists, targets = [], [], []
-    for lineno, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
+    top, top_line = -1, 0
+    for lineno, parts in rows:
         if len(parts) < width:
             raise DataError(
                 f"{path}, line {lineno}: {len(parts)} tab-separated column(s), the header names {width}; "
@@ -173,10 +84,19 @@ def _read_inter(path: Path, n_items: int | None) -> tuple[list[str], list[list[i
                     f"{path}, line {lineno}: item index {bad[0]} is outside 0..{n_items - 1} of the item2index "
                     "file; use the indices of <Name>.item2index"
                 )
+        else:
+            lo, hi = min(tgt, *hist), max(tgt, *hist)
+            if lo < 0:
+                raise DataError(
+                    f"{path}, line {lineno}: item index {lo} is negative; item indices are 0-based (0, 1, 2, ...): "
+                    "renumber the items, or give <Name>.item2index mapping item ids to indices"
+                )
+            if hi > top:
+                top, top_line = hi, lineno
         users.append(parts[cu].strip())
         hists.append(hist)
         targets.append(tgt)
-    return users, hists, targets
+    return users, hists, targets, (top, top_line)
 
 
 def _detect_name(folder: Path, name: str | None) -> str:
@@ -199,18 +119,23 @@ def load_recbole_atomic(path: Path | str | None = None, *, stem: str | None = No
 
     item_ids: list[str] | None = None
     if (folder / f"{name}.item2index").is_file():
-        item_ids = _read_index(folder / f"{name}.item2index", "item")
+        item_ids = _read_index(folder / f"{name}.item2index", "item", report)
     user_names: list[str] | None = None
     if (folder / f"{name}.user2index").is_file():
-        user_names = _read_index(folder / f"{name}.user2index", "user")
+        user_names = _read_index(folder / f"{name}.user2index", "user", report)
 
     n_known = len(item_ids) if item_ids is not None else None
-    tr = _read_inter(folder / f"{name}.train.inter", n_known)
-    va = _read_inter(folder / f"{name}.valid.inter", n_known)
-    te = _read_inter(folder / f"{name}.test.inter", n_known)
+    parts = {p: folder / f"{name}.{p}.inter" for p in ("train", "valid", "test")}
+    tr, va, te = (_read_inter(parts[p], n_known, report) for p in ("train", "valid", "test"))
     if item_ids is None:
-        top = max(max((max(h, default=-1) for h in part[1]), default=-1) for part in (tr, va, te))
-        top = max(top, *(max(part[2], default=-1) for part in (tr, va, te)))
+        top = max(part[3][0] for part in (tr, va, te))
+        top_line, top_path = next((part[3][1], path) for part, path in zip((tr, va, te), parts.values())
+                                  if part[3][0] == top)
+        if top > 0:
+            distinct = len({i for part in (tr, va, te) for h in part[1] for i in h}
+                           | {i for part in (tr, va, te) for i in part[2]})
+            check_dense_ids(top, distinct, top_path, top_line, "item index",
+                            f"renumber the items 0..n-1, or give {name}.item2index mapping item ids to indices")
         item_ids = [str(i) for i in range(top + 1)]
         report.notes.append(f"no {name}.item2index: item ids are the file indices")
 
@@ -220,7 +145,7 @@ def load_recbole_atomic(path: Path | str | None = None, *, stem: str | None = No
     hist_cap = max((len(h) for part in (tr, va, te) for h in part[1]), default=0)
     order: list[str] = []
     rows: dict[str, list[tuple[list[int], int]]] = {}
-    for u, h, t in zip(*tr):
+    for u, h, t in zip(*tr[:3]):
         if u not in rows:
             rows[u] = []
             order.append(u)
@@ -311,13 +236,10 @@ def load_recbole_atomic(path: Path | str | None = None, *, stem: str | None = No
     if text_path.is_file():
         index = items.index()
         texts = [""] * items.n_items
-        lines = read_lines(text_path)
-        start = 1 if lines[0].split("\t")[0].strip().startswith("item_id") else 0
         unknown = 0
-        for lineno, line in enumerate(lines[start:], start + 1):
-            if not line.strip():
-                continue
-            parts = line.split("\t", 1)
+        for lineno, parts in TextRows(text_path, "\t", maxsplit=1, report=report):
+            if lineno == 1 and parts[0].strip().startswith("item_id"):
+                continue  # the header
             if len(parts) < 2:
                 report.skip(f"{text_path.name}: rows without a tab-separated text column")
                 continue

@@ -10,7 +10,8 @@ Every row is a positive (no rating threshold, no k-core, duplicates kept; RecBol
 default) in float64 and stores it as **float32**, then stable-sorts by that value, so equal float32 values keep file
 order. Sorting the raw timestamps, or breaking ties by item id, changes the valid/test target of hundreds of ml-100k
 users. The split is per-user leave-one-out (RecBole's ``split: {LS: valid_and_test}``): last item = test target,
-second-last = valid target, the rest = training.
+second-last = valid target, the rest = training. User and item ids are tokens (any text, as in RecBole), mapped
+through a dictionary in order of first appearance: no id is used as an index, so a huge or negative id is just a token.
 
 Options: ``stem`` (the file is ``<folder>/<stem>.inter``; default: the single ``*.inter`` in the folder, or the
 path itself when it is a file); ``normalize`` (default True: order by RecBole's float32-normalised timestamp; False:
@@ -27,7 +28,7 @@ import numpy as np
 
 from ..dataset import DataError, Dataset, ItemTable, LoadReport, leave_one_out
 from . import known_dataset, register_loader
-from .recbole_atomic import find_one, header_columns, read_lines
+from ._io import TextRows, find_one
 
 
 def bundled_ml100k() -> Path | None:
@@ -78,18 +79,15 @@ def load_recbole_inter(path: Path | str | None = None, *, stem: str | None = Non
     else:
         inter = find_one(p, "*.inter", "RecBole interaction", "stem")
 
-    lines = read_lines(inter)
-    cols = header_columns(lines[0], inter, "\t", ["user_id", "item_id", "timestamp"])
+    report = LoadReport()
+    rows = TextRows(inter, "\t", header=True, report=report)
+    cols = rows.columns(["user_id", "item_id", "timestamp"])
     cu, ci, ct = cols["user_id"], cols["item_id"], cols["timestamp"]
     width = max(cu, ci, ct) + 1
-    report = LoadReport()
     users: list[str] = []
     items: list[str] = []
     times: list[float] = []
-    for lineno, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
+    for lineno, parts in rows:
         if len(parts) < width:
             raise DataError(
                 f"{inter}, line {lineno}: {len(parts)} tab-separated column(s), the header names at least {width}; "

@@ -8,27 +8,42 @@ Optional item side information: ``*_item_meta.tsv`` with a header naming ``item_
 ``attributes`` (``brand|category|...`` names -> text field "attributes") and ``idgen_textual_id`` (text field
 "textual_id"). The external id of an item is its ASIN when the meta file gives one, else its number.
 Numeric attribute ids (``s3rec_attribute_ids``) carry no words and are not turned into text.
+
+The S3-Rec repositories' own ``<stem>_item2attributes.json`` (a JSON object ``{"item id": [attribute id, ...]}``,
+brand and category ids), when it lies beside the sequence file, becomes the multi-hot item feature
+``attributes_onehot``: a float32 ``[n_items + 1, n_attributes]`` matrix, column j = the j-th smallest attribute id
+(S3-Rec's ids 1..A give column j-1 = attribute j), 1.0 where the item has the attribute, row 0 = padding. Option
+``item2attributes``: a file name in the folder instead, or ``false`` to skip it (the Sports matrix is 18,358 x 2,277,
+167 MB). Entries for items in no sequence are counted and skipped; the report notes the feature.
+
+Item ids are used as dense indices: an id far beyond the number of distinct ids (``_io.dense_id_limit``) is an error
+naming the file and line, as is an id below 1.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from ..dataset import DataError, Dataset, ItemTable, LoadReport, leave_one_out
 from . import known_dataset, register_loader
-from .recbole_atomic import as_folder, find_one, header_columns, parse_int, parse_ints, read_lines
+from ._io import TextRows, as_folder, check_dense_ids, find_one, parse_int, parse_ints, read_lines
+
+ATTRIBUTE_FEATURE = "attributes_onehot"
 
 
 def _read_meta(path: Path, report: LoadReport) -> dict[int, dict[str, str]]:
-    lines = read_lines(path)
-    cols = header_columns(lines[0], path, "\t", ["item_id"])
+    rows = TextRows(path, "\t", header=True, report=report)
+    cols = rows.columns(["item_id"])
     out: dict[int, dict[str, str]] = {}
-    for lineno, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
+    for lineno, parts in rows:
+        if cols["item_id"] >= len(parts):
+            raise DataError(
+                f"{path}, line {lineno}: {len(parts)} tab-separated column(s), the item_id column is number "
+                f"{cols['item_id'] + 1}; each row needs the columns of the header"
+            )
         k = parse_int(parts[cols["item_id"]].strip(), path, lineno, "item_id")
         if k in out:
             report.skip(f"{path.name}: repeated item_id rows (first kept)")
@@ -41,8 +56,56 @@ def _read_meta(path: Path, report: LoadReport) -> dict[int, dict[str, str]]:
     return out
 
 
+def _int_id(v: object) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    return None
+
+
+def _read_item2attributes(path: Path, n: int, report: LoadReport) -> np.ndarray:
+    """``{"item id": [attribute id, ...]}`` -> multi-hot float32 ``[n, n_attributes]`` (row k-1 = item k)."""
+    text = "\n".join(read_lines(path, skip_blank=False, expect="a JSON object {item id: [attribute ids]}"))
+    fix = 'the file must be one JSON object {"item id": [attribute id, ...]}, as S3-Rec\'s <Name>_item2attributes.json'
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); {fix}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: the JSON is a {type(data).__name__}, not an object; {fix}")
+    rows: dict[int, list[int]] = {}
+    outside = 0
+    for key, attrs in data.items():
+        k = _int_id(key)
+        if k is None:
+            raise DataError(f"{path}: item '{str(key)[:40]}' is not an integer item id; {fix}")
+        if not isinstance(attrs, list):
+            raise DataError(f"{path}: item '{key}': the attributes are a {type(attrs).__name__}, not a list; {fix}")
+        ids = [_int_id(a) for a in attrs]
+        if any(a is None for a in ids):
+            bad = next(a for a, i in zip(attrs, ids) if i is None)
+            raise DataError(f"{path}: item '{key}': attribute {str(bad)[:40]!r} is not an integer id; {fix}")
+        if not 1 <= k <= n:
+            outside += 1
+            continue
+        rows[k] = ids  # type: ignore[assignment]
+    report.skip(f"{path.name}: attribute entries for item ids not in any sequence (ignored)", outside)
+    columns = {a: j for j, a in enumerate(sorted({a for ids in rows.values() for a in ids}))}
+    mat = np.zeros((n, len(columns)), dtype=np.float32)
+    for k, ids in rows.items():
+        mat[k - 1, [columns[a] for a in ids]] = 1.0
+    note = (f"{path.name}: item attributes -> feature '{ATTRIBUTE_FEATURE}' (multi-hot, {len(columns)} attribute ids, "
+            f"column j = the j-th smallest id); {len(rows)} of {n} items have attributes")
+    report.notes.append(note)
+    return mat
+
+
 @register_loader("s3rec")
-def load_s3rec(path: Path | str | None = None, *, stem: str | None = None, meta: str | None = None) -> Dataset:
+def load_s3rec(path: Path | str | None = None, *, stem: str | None = None, meta: str | None = None,
+               item2attributes: str | bool | None = None) -> Dataset:
     folder = as_folder(path, "s3rec")
     if stem:
         seq_path = folder / f"{stem}.txt"
@@ -53,26 +116,27 @@ def load_s3rec(path: Path | str | None = None, *, stem: str | None = None, meta:
     report = LoadReport()
     users: list[str] = []
     seqs: list[np.ndarray] = []
-    top = 0
-    for lineno, line in enumerate(read_lines(seq_path), 1):
-        if not line.strip():
-            continue
-        user, _, rest = line.strip().partition(" ")
-        ids = parse_ints(rest, seq_path, lineno, "item list")
+    top, top_line = 0, 0
+    for lineno, parts in TextRows(seq_path, None, report=report, expect="lines 'user item item ...'"):
+        user = parts[0]
+        ids = parse_ints(parts[1:], seq_path, lineno, "item list")
         if not ids:
             report.skip("users without items")
             continue
-        lo = min(ids)
+        lo, hi = min(ids), max(ids)
         if lo < 1:
             raise DataError(
                 f"{seq_path}, line {lineno}: item id {lo}; S3-Rec item ids start at 1 (0 is padding), "
                 "shift the ids by one"
             )
-        top = max(top, max(ids))
+        if hi > top:
+            top, top_line = hi, lineno
         users.append(user)
         seqs.append(np.asarray(ids, dtype=np.int64))
     if not seqs:
         raise DataError(f"{seq_path}: no user has any item; each line must be 'user item item ...'")
+    check_dense_ids(top, len(np.unique(np.concatenate(seqs))), seq_path, top_line, "item id",
+                    "S3-Rec numbers the items densely 1..n: renumber them")
 
     meta_rows: dict[int, dict[str, str]] = {}
     meta_path = folder / meta if meta else next(iter(sorted(folder.glob("*_item_meta.tsv"))), None)
@@ -106,6 +170,22 @@ def load_s3rec(path: Path | str | None = None, *, stem: str | None = None, meta:
         ]
     if any("idgen_textual_id" in r for r in meta_rows.values()):
         items.text["textual_id"] = [meta_rows.get(k, {}).get("idgen_textual_id", "") for k in range(1, n + 1)]
+
+    attr_path: Path | None = None
+    if isinstance(item2attributes, str) and item2attributes:
+        attr_path = folder / item2attributes
+        if not attr_path.is_file():
+            raise DataError(f"{attr_path}: item2attributes file not found; fix the option 'item2attributes' "
+                            "(a file name in the dataset folder) or remove it")
+    elif item2attributes is None or item2attributes is True:
+        cand = folder / f"{seq_path.stem}_item2attributes.json"
+        if cand.is_file():
+            attr_path = cand
+        elif item2attributes is True:
+            raise DataError(f"{cand}: file not found; the option item2attributes=true needs "
+                            f"{seq_path.stem}_item2attributes.json beside {seq_path.name}")
+    if attr_path is not None:
+        items.add_features(ATTRIBUTE_FEATURE, _read_item2attributes(attr_path, n, report), source=str(attr_path))
     return leave_one_out(
         seq_path.stem, items, seqs, users,
         protocol={"source_format": "s3rec", "file": seq_path.name, "item_ids": "file numbering kept"},

@@ -10,7 +10,12 @@ one-shorter prefix present as a row too. The choice is recorded in the protocol.
 Validation: the last ``valid_fraction`` (default 10%) of the training sessions, by order in the file, are taken out
 of train; their rows become the valid Examples (all prefixes when augmented, one per session otherwise) - the same
 shape as the test rows, which are used as given. Item ids are the numeric ids of the files (as strings);
-when they are positive integers the numbering is kept (internal id = file id).
+when they are positive integers and dense enough (the largest at most ``_io.dense_id_limit`` of the number of
+distinct ids) the numbering is kept (internal id = file id); otherwise (an id 0, or sparse ids such as raw
+YOOCHOOSE ids) the internal id is the rank of the numeric id, noted in the load report.
+
+Files: ``<prefix>_train.tsv`` and ``<prefix>_test.tsv`` in one folder (``prefix``: default the single
+``*_train.tsv``); the first line of each is the header ``session_prefix<TAB>target``, then one row per line.
 """
 
 from __future__ import annotations
@@ -22,18 +27,15 @@ import numpy as np
 
 from ..dataset import DataError, Dataset, Examples, ItemTable, LoadReport
 from . import known_dataset, register_loader
-from .recbole_atomic import as_folder, find_one, header_columns, read_lines
+from ._io import TextRows, as_folder, dense_id_limit, find_one
 
 
-def _read_rows(path: Path) -> list[list[str]]:
-    lines = read_lines(path)
-    cols = header_columns(lines[0], path, "\t", ["session_prefix", "target"], strip_types=False)
+def _read_rows(path: Path, report: LoadReport) -> list[list[str]]:
+    rows = TextRows(path, "\t", header=True, report=report)
+    cols = rows.columns(["session_prefix", "target"], strip_types=False)
     cp, ct = cols["session_prefix"], cols["target"]
     out = []
-    for lineno, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
+    for lineno, parts in rows:
         if len(parts) <= max(cp, ct):
             raise DataError(
                 f"{path}, line {lineno}: {len(parts)} column(s); each row must be 'prefix item ids\\ttarget item id'"
@@ -92,8 +94,8 @@ def load_session_tsv(path: Path | str | None = None, *, prefix: str | None = Non
         if not p.is_file():
             raise DataError(f"{p}: file not found; the folder must hold {prefix}_train.tsv and {prefix}_test.tsv")
     report = LoadReport()
-    train_rows = [tuple(r) for r in _read_rows(train_path)]
-    test_rows = _read_rows(test_path)
+    train_rows = [tuple(r) for r in _read_rows(train_path, report)]
+    test_rows = _read_rows(test_path, report)
 
     if augmented == "auto":
         aug = _is_augmented(train_rows)
@@ -111,10 +113,10 @@ def load_session_tsv(path: Path | str | None = None, *, prefix: str | None = Non
     else:
         sessions = list(train_rows)
 
-    # item numbering: keep the file ids when they are positive integers, else rank them
+    # item numbering: keep the file ids when they are positive integers and dense enough, else rank them
     all_ids = {t for s in sessions for t in s} | {t for r in test_rows for t in r}
-    nums = sorted(int(t) for t in all_ids)
-    if nums and nums[0] >= 1:
+    nums = sorted(set(int(t) for t in all_ids))
+    if nums and nums[0] >= 1 and nums[-1] <= dense_id_limit(len(nums)):
         n = nums[-1]
         ids = [str(k) for k in range(1, n + 1)]
         lookup = {str(k): k for k in range(1, n + 1)}
@@ -128,7 +130,11 @@ def load_session_tsv(path: Path | str | None = None, *, prefix: str | None = Non
         lookup = {t: i + 1 for i, t in enumerate(ids)}
         for t in all_ids:
             lookup.setdefault(t, lookup[str(int(t))])
-        report.notes.append("item ids include 0: internal id = rank of the numeric id")
+        if nums and nums[0] < 1:
+            report.notes.append("item ids include 0: internal id = rank of the numeric id")
+        else:
+            report.notes.append(f"item ids are sparse (largest {nums[-1]} for {len(nums)} distinct ids): "
+                                "internal id = rank of the numeric id")
 
     def arr(seq) -> np.ndarray:
         return np.fromiter((lookup[t] for t in seq), dtype=np.int64, count=len(seq))

@@ -143,3 +143,15 @@ class TransitionalPatternAlignment(nn.Module):
         """``{"club": upper bound I(D_H(h); D_T(t)), "mine": lower bound I(D_L(h); D_T(t))}`` with gradients to the
         projector outputs (and through them to the Knowledge tower)."""
         return {"club": self.club(hh, tt), "mine": self.mine(hl, tt)}
+
+
+class KnowledgeHeads(nn.Module):
+    """The L^v / L^t heads of the Knowledge tower (each None when its modality or view is absent, or ``views`` is
+    False): ``d`` is the LM width, ``d_image``/``d_text_view`` the widths of the frozen views (None: absent)."""
+
+    def __init__(self, d: int, d_image: int | None, d_text_view: int | None, d_contrast: int, temperature: float,
+                 views: bool = True):
+        super().__init__()
+        self.view_v = ViewContrast(d, d_image, d_contrast, temperature) if views and d_image is not None else None
+        self.view_t = ViewContrast(d, d_text_view, d_contrast, temperature) \
+            if views and d_text_view is not None else None

@@ -1,0 +1,376 @@
+"""TPAD end to end (``distillrec tpad CONFIG``): Knowledge-MLLM, Transfer-MLLM, transitional pattern alignment, and
+the one-time item embedding that downstream recommenders (DIMO, fused SASRec/GRU4Rec) consume.
+
+Stages (DESIGN.md, "TPAD as this project defines it"; losses in :mod:`distillrec.methods.tpad.model`):
+
+1. ``knowledge`` -- the ``knowledge`` LoRA tower, the visual connector, the missing-image token and the summary-token
+   embeddings learn L_gen (answer-only LM loss on ``"Keywords: ... Category: ..."``, see
+   :mod:`~distillrec.methods.tpad.keywords`) + ``contrast_weight`` * (L^v + L^t). Each item of a batch loses its
+   image or its text with probability ``modality_dropout / 2`` each, so single-modality prompts are trained and the
+   keyword generation rate (GR) per modality is meaningful. GR is measured on ``gr_items`` held-out items before
+   training and after every epoch.
+2. ``transfer`` (2a) -- the ``transfer`` LoRA tower alone (connector and summary tokens frozen) learns InfoNCE between
+   the two items of multi-order meta pairs (t, t + k), k = 1..``max_order``, from the training sequences only.
+3. ``align`` (2b) -- the Transfer tower is frozen (its states are computed once, without gradients); the Knowledge
+   tower continues from stage 1 with L = L_gen + contrast_weight (L^v + L^t) + gamma1 CLUB(D_H(h); D_T(t))
+   - gamma2 MINE(D_L(h); D_T(t)). Before every encoder step the estimators (CLUB's q, MINE's T) take ``q_steps``
+   steps on the detached projector outputs: with one step per encoder step the encoder outruns q and the CLUB
+   estimate stops bounding anything (measured in issue 4, part 1).
+4. ``embed`` -- only the final Knowledge tower runs, once per item, through ``distillrec embed``
+   (``<out>/embeddings``: ``item_embeddings.safetensors`` + ``item_ids.json``). Attach them to a run config with
+   ``dataset.embeddings: {tpad: <out>/embeddings}`` -> features ``tpad_image``, ``tpad_text``.
+
+Ablations are config switches: ``alignment.gamma1/gamma2 = 0`` (both 0 = TPAD-NA: stage 2b still runs, as the same
+number of steps without alignment), ``use_image: false``, ``use_text: false``, ``towers: single`` (one LoRA tower
+learns the transition task after the knowledge task; no alignment stage).
+
+Every stage runs in the shared stage loop (:class:`distillrec.training.stages.Stage`): checkpoints every
+``save_every`` steps and at the end of each epoch, resume after a kill to the same result, a finished stage is
+skipped, and a changed config with the same ``out`` is an error, not a silent mix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...data.dataset import Dataset
+from ...data.loaders import load_dataset
+from ...errors import ConfigError
+from ...files import atomic_save_tensors, atomic_write_text, prepare_out, write_folder_atomically
+from ...llm.builder import build_multimodal, multimodal_config
+from ...llm.multimodal import MultimodalLM
+from ...training.stages import Stage, seeded
+from .config import KNOWLEDGE, STAGES, TRANSFER, TPADConfig, load_tpad_config
+from .data import TPADData
+from .keywords import generation_rate
+from .model import KnowledgeHeads, TransitionalPatternAlignment, TransitionContrast, meta_pairs
+from .report import render_markdown
+
+# what a TPAD run writes into its folder: --restart removes these and nothing else
+OUTPUTS = ("knowledge", "transfer", "align", "model", "embeddings", "config.json", "embed_config.json",
+           "report.json", "report.md")
+
+
+def build_tpad_model(cfg: TPADConfig, d_image: int) -> MultimodalLM:
+    """The LM named by ``cfg.lm`` with a connector and the two LoRA towers, seeded by ``cfg.lm.seed``."""
+    mcfg = multimodal_config(cfg.lm, cfg.multimodal, reserved_by="the TPAD run (lm, image_features, towers)",
+                             d_image=d_image, adapters=[KNOWLEDGE, TRANSFER])
+    return build_multimodal(cfg.lm, mcfg, device=cfg.device)
+
+
+def _set_trainable(mm: MultimodalLM, tower: str, shared: bool) -> None:
+    """Make ``tower`` the active (trainable) LoRA tower; ``shared``: the connector, missing-image token and summary
+    token embeddings train too (stages 1 and 2b), else they are frozen (stage 2a)."""
+    mm.use_adapter(tower)
+    for p in [*mm.connector.parameters(), mm.missing_image, mm.special_embed.weight]:
+        p.requires_grad_(shared)
+
+
+def _trainable(mm: MultimodalLM, heads: nn.Module) -> list[nn.Parameter]:
+    return [p for _, p in mm.trainable_named_parameters()] + [p for p in heads.parameters() if p.requires_grad]
+
+
+def _stage(cfg: TPADConfig, name: str, out: Path, stage_id: int) -> Stage:
+    return Stage(name, getattr(cfg, name), out, _stage_key(cfg, name), seed=cfg.seed, stage_id=stage_id,
+                 save_every=cfg.save_every, progress=cfg.progress)
+
+
+def _knowledge_heads(cfg: TPADConfig, data: TPADData, d: int, views: bool = True) -> KnowledgeHeads:
+    return KnowledgeHeads(d, data.d_image if data.image is not None else None,
+                          None if data.text_view is None else int(data.text_view.shape[1]), cfg.d_contrast,
+                          cfg.temperature, views)
+
+
+# ----------------------------------------------------------------------------------------------------- the stages
+def _drop_modalities(rng: np.random.Generator, n: int, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: drop the image with probability p/2, else drop the text with probability p/2 (never both)."""
+    r = rng.random(n)
+    return r < p / 2, (r >= p / 2) & (r < p)
+
+
+def _knowledge_losses(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, heads: KnowledgeHeads, items: np.ndarray,
+                      rng: np.random.Generator, p_drop: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One Knowledge-tower pass: L_gen + contrast_weight (L^v + L^t), and h = [h_img; h_txt]."""
+    drop_img, drop_txt = _drop_modalities(rng, len(items), p_drop)
+    img, mask = data.images(items, drop_img)
+    texts = ["" if d else data.texts[i] for i, d in zip(items, drop_txt)]
+    o = mm.embed(texts, img, adapter=KNOWLEDGE, image_mask=mask, answers=[data.targets.answers[i] for i in items])
+    t_items = torch.from_numpy(items)
+    parts = {"gen": o["lm_loss"]}
+    if heads.view_v is not None:
+        parts["l_v"] = heads.view_v(o["image"], img.to(o["image"].device), mask.to(o["image"].device), t_items)
+    if heads.view_t is not None:
+        valid = torch.from_numpy(~drop_txt & data.has_text[items])
+        parts["l_t"] = heads.view_t(o["text"], data.text_view[t_items].to(o["text"].device), valid, t_items)
+    loss = parts["gen"] + cfg.contrast_weight * sum((v for k, v in parts.items() if k != "gen"),
+                                                     start=torch.zeros(()))
+    return loss, {"h": torch.cat([o["image"], o["text"]], -1), **parts}
+
+
+@torch.no_grad()
+def generation_rates(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, items: Sequence[int]) -> dict[str, Any]:
+    """GR per modality on ``items``: greedy answers from image-only, text-only and full prompts."""
+    if not items:
+        return {}
+    targets = [data.targets.target_words(i) for i in items]
+    out: dict[str, Any] = {}
+    arr = np.asarray(items, dtype=np.int64)
+    modes = {"both": (True, True)}
+    if data.image is not None and data.has_image[arr].any():
+        modes["image"] = (True, False)
+    if data.has_text[arr].any():
+        modes["text"] = (False, True)
+    bs = cfg.embed_batch_size
+    for name, (use_img, use_txt) in modes.items():
+        gens: list[str] = []
+        for s in range(0, len(arr), bs):
+            chunk = arr[s:s + bs]
+            img, mask = data.images(chunk, None if use_img else np.ones(len(chunk), bool))
+            prompts = [mm.item_prompt(data.texts[i] if use_txt else "") for i in chunk]
+            gens += mm.generate(img, prompts, max_new_tokens=cfg.knowledge.gr_max_new_tokens, adapter=KNOWLEDGE,
+                                image_mask=mask)
+        out[f"gr_{name}"] = generation_rate(gens, targets)
+        if name == "both":
+            out["example"] = {"item": data.ds.items.ids[arr[0] - 1], "target": data.targets.answers[arr[0]],
+                              "generated": gens[0]}
+    return out
+
+
+def stage_knowledge(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, log: Callable) -> dict[str, Any]:
+    k = cfg.knowledge
+    stage = _stage(cfg, "knowledge", out, 1)
+    if (done := stage.load_finished(mm)) is not None:
+        return done
+    _set_trainable(mm, KNOWLEDGE, shared=True)
+    heads = seeded(cfg.seed * 1000 + 1, lambda: _knowledge_heads(cfg, data, mm.hidden_size))
+    opt = torch.optim.AdamW(_trainable(mm, heads), lr=k.lr, weight_decay=k.weight_decay)
+    items = data.train_items if k.max_items is None else data.train_items[: k.max_items]
+    mm.train()
+
+    def step(idx: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+        loss, parts = _knowledge_losses(cfg, data, mm, heads, items[idx], rng, k.modality_dropout)
+        loss.backward()
+        return {"loss": float(loss.detach()), **{n: float(v.detach()) for n, v in parts.items() if n != "h"}}
+
+    return stage.run(mm, heads, [opt], len(items), step, lambda: generation_rates(cfg, data, mm, data.gr_items), log)
+
+
+def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, log: Callable) -> dict[str, Any]:
+    """Stage 2a; with ``towers: single`` the knowledge tower itself learns the transition task (plus L_gen)."""
+    t = cfg.transfer
+    stage = _stage(cfg, "transfer", out, 2)
+    if (done := stage.load_finished(mm)) is not None:
+        return done
+    single = cfg.towers == "single"
+    tower = KNOWLEDGE if single else TRANSFER
+    _set_trainable(mm, tower, shared=single)
+    d2 = 2 * mm.hidden_size
+    heads = seeded(cfg.seed * 1000 + 2, lambda: nn.ModuleDict({
+        "transition": TransitionContrast(d2, cfg.d_contrast, cfg.temperature)}))
+    pairs, contexts = meta_pairs(data.sequences, t.max_order, max_len=t.max_len, context_items=t.context_items)
+    if len(pairs) < t.batch_size:
+        raise ConfigError(f"transfer: only {len(pairs)} meta pairs in the training sequences (< batch_size "
+                          f"{t.batch_size}); lower transfer.batch_size")
+    if t.max_items is not None and len(pairs) > t.max_items:
+        keep = np.sort(np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x2A])).choice(
+            len(pairs), t.max_items, replace=False))
+        pairs = pairs[keep]
+        contexts = [contexts[i] for i in keep] if contexts else None
+    opt = torch.optim.AdamW(_trainable(mm, heads), lr=t.lr, weight_decay=t.weight_decay)
+    no_views = _knowledge_heads(cfg, data, mm.hidden_size, views=False)
+    mm.train()
+
+    def step(idx: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+        p = pairs[idx]
+        both = np.concatenate([p[:, 0], p[:, 1]])
+        img, mask = data.images(both)
+        texts = data.pair_texts(p, [contexts[i] for i in idx] if contexts else None) + \
+            [data.texts[i] for i in p[:, 1]]
+        o = mm.embed(texts, img, adapter=tower, image_mask=mask, instruction=t.instruction)
+        h = torch.cat([o["image"], o["text"]], -1)
+        n = len(p)
+        loss = heads["transition"](h[:n], h[n:], torch.from_numpy(p[:, 1]))
+        parts = {"transition": float(loss.detach())}
+        anchors = p[~np.isin(p[:, 0], data.gr_items), 0]  # GR's held-out items are never trained on
+        if single and len(anchors):  # the one tower keeps its knowledge task
+            kl, kparts = _knowledge_losses(cfg, data, mm, no_views, anchors, rng, 0.0)
+            loss = loss + kl
+            parts["gen"] = float(kparts["gen"].detach())
+        loss.backward()
+        return parts
+
+    return stage.run(mm, heads, [opt], len(pairs), step, None, log)
+
+
+@torch.no_grad()
+def transfer_states(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, items: np.ndarray) -> torch.Tensor:
+    """The frozen Transfer tower's ``[t_img; t_txt]`` of ``items`` (computed once, in eval mode)."""
+    from tqdm.auto import tqdm
+
+    mm.eval()
+    rows = []
+    for s in tqdm(range(0, len(items), cfg.embed_batch_size), desc="transfer states", disable=not cfg.progress,
+                  leave=False):
+        chunk = items[s:s + cfg.embed_batch_size]
+        img, mask = data.images(chunk)
+        o = mm.embed([data.texts[i] for i in chunk], img, adapter=TRANSFER, image_mask=mask,
+                     instruction=cfg.transfer.instruction)
+        rows.append(torch.cat([o["image"], o["text"]], -1).cpu())
+    mm.train()
+    return torch.cat(rows)
+
+
+def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, log: Callable) -> dict[str, Any]:
+    a = cfg.align
+    stage = _stage(cfg, "align", out, 3)
+    if (done := stage.load_finished(mm)) is not None:
+        return done
+    items = data.train_items if a.max_items is None else data.train_items[: a.max_items]
+    cache = out / "align" / "transfer_states.safetensors"
+    if cache.is_file():
+        from safetensors.torch import load_file
+
+        t_states = load_file(str(cache))["states"]
+    else:
+        t_states = transfer_states(cfg, data, mm, items)
+        atomic_save_tensors(cache, {"states": t_states})
+    _set_trainable(mm, KNOWLEDGE, shared=True)
+    d = mm.hidden_size
+
+    heads = seeded(cfg.seed * 1000 + 3, lambda: nn.ModuleDict({
+        "views": _knowledge_heads(cfg, data, d),
+        "tpa": TransitionalPatternAlignment(2 * d, 2 * d, a.d_proj, a.estimator_hidden, a.club, a.mine_ma_rate)}))
+    # the stage-1 contrastive heads continue from stage 1
+    k_heads = out / "knowledge" / "final" / "heads.safetensors"
+    if k_heads.is_file():
+        from safetensors.torch import load_file
+
+        sd = {k.removeprefix("model."): v for k, v in load_file(str(k_heads)).items() if k.startswith("model.")}
+        heads["views"].load_state_dict(sd)
+    tpa: TransitionalPatternAlignment = heads["tpa"]
+    view_heads: KnowledgeHeads = heads["views"]
+    est_params = tpa.estimator_parameters()
+    est_ids = {id(p) for p in est_params}
+    main_params = [p for p in _trainable(mm, heads) if id(p) not in est_ids]
+    opt = torch.optim.AdamW(main_params, lr=a.lr, weight_decay=a.weight_decay)
+    est_opt = torch.optim.Adam(est_params, lr=a.estimator_lr)
+    mm.train()
+
+    def step(idx: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+        b = items[idx]
+        loss, parts = _knowledge_losses(cfg, data, mm, view_heads, b, rng, a.modality_dropout)
+        t = t_states[torch.from_numpy(idx)].to(parts["h"].device)
+        hh, hl, tt = tpa.project(parts["h"], t)
+        for _ in range(a.q_steps):  # estimators first, on detached features
+            est_opt.zero_grad(set_to_none=True)
+            tpa.estimator_loss(hh, hl, tt).backward()
+            est_opt.step()
+        mi = tpa(hh, hl, tt)
+        total = loss + a.gamma1 * mi["club"] - a.gamma2 * mi["mine"]
+        total.backward()
+        est_opt.zero_grad(set_to_none=True)  # the encoder step must not leak into the estimators
+        return {"loss": float(total.detach()), **{n: float(v.detach()) for n, v in parts.items() if n != "h"},
+                "club": float(mi["club"].detach()), "mine": float(mi["mine"].detach())}
+
+    # no epoch-0 evaluation: it would repeat stage 1's last one
+    return stage.run(mm, heads, [opt, est_opt], len(items), step,
+                     lambda: generation_rates(cfg, data, mm, data.gr_items), log, evaluate_before=False)
+
+
+def _stage_key(cfg: TPADConfig, stage: str) -> dict[str, Any]:
+    """What a stage's result depends on: the shared settings, its own block and every earlier stage's."""
+    shared = cfg.model_dump(mode="json", include={"dataset", "lm", "multimodal", "image_features", "text_fields",
+                                                  "text_view", "use_image", "use_text", "towers", "contrast_weight",
+                                                  "temperature", "d_contrast", "keywords", "seed"})
+    if stage == "knowledge":  # stage 1 is the same for one or two towers: ablations can start from its result
+        shared.pop("towers")
+    order = ["knowledge", "transfer", "align"]
+    for s in order[: order.index(stage) + 1]:
+        shared[s] = getattr(cfg, s).model_dump(mode="json")
+    return shared
+
+
+# -------------------------------------------------------------------------------------------------------- the run
+def run_tpad(cfg: TPADConfig, stages: Sequence[str] = STAGES, *, restart: bool = False,
+             dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the named stages (in order; earlier finished stages are loaded, missing ones run first) and write
+    ``<out>/report.json`` + ``report.md``. Returns the report."""
+    import json
+
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    cfg.apply()
+    out = prepare_out(Path(cfg.out), OUTPUTS, restart=restart, marker="config.json")
+    atomic_write_text(out / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=1))
+    t_start = time.perf_counter()
+    last = max(STAGES.index(s) for s in stages)
+    need = [s for s in STAGES[: last + 1] if s != "embed" and not (cfg.towers == "single" and s == "align")]
+    report: dict[str, Any] = {"kind": "distillrec.tpad", "config": cfg.model_dump(mode="json"), "stages": {},
+                              "seconds": {}}
+    if need:
+        ds = dataset if dataset is not None else load_dataset(cfg.dataset)
+        t0 = time.perf_counter()
+        data = TPADData(cfg, ds)
+        report["seconds"]["features"] = round(time.perf_counter() - t0, 2)
+        report["notes"] = data.targets.notes
+        t0 = time.perf_counter()
+        mm = build_tpad_model(cfg, data.d_image)
+        report["seconds"]["load_lm"] = round(time.perf_counter() - t0, 2)
+        report["trainable_lm_parameters"] = {
+            "connector": sum(p.numel() for p in mm.connector.parameters()),
+            "lora_per_tower": sum(p.numel() for n, p in mm.named_parameters() if f"lora_A.{KNOWLEDGE}" in n
+                                  or f"lora_B.{KNOWLEDGE}" in n)}
+        runners = {"knowledge": stage_knowledge, "transfer": stage_transfer, "align": stage_align}
+        for s in need:
+            t0 = time.perf_counter()
+            report["stages"][s] = _summary(runners[s](cfg, data, mm, out, log))
+            report["seconds"][s] = round(time.perf_counter() - t0, 2)
+        write_folder_atomically(out / "model", mm.save_trainable)
+    if "embed" in stages:
+        t0 = time.perf_counter()
+        report["embeddings"] = embed_with_knowledge_tower(cfg, out)
+        report["seconds"]["embed"] = round(time.perf_counter() - t0, 2)
+    report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str))
+    atomic_write_text(out / "report.md", render_markdown(report))
+    return report
+
+
+def _summary(state: dict[str, Any]) -> dict[str, Any]:
+    return {"steps": state.get("step"), "history": state.get("history", []), "curve": state.get("curve", []),
+            "seconds": state.get("seconds")}
+
+
+def embed_with_knowledge_tower(cfg: TPADConfig, out: Path) -> dict[str, Any]:
+    """``distillrec embed`` with the final Knowledge tower (``<out>/model``) -> ``<out>/embeddings``."""
+    import json
+
+    from ...training.embed import EmbedConfig, embed_items
+
+    model = out / "model"
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"{model} not found: run the training stages first (distillrec tpad CONFIG)")
+    ecfg = EmbedConfig(dataset=cfg.dataset, lm=cfg.lm, pretrained=str(model), adapter=KNOWLEDGE,
+                       image_features=cfg.image_features if cfg.use_image else None,
+                       text_fields=cfg.text_fields if cfg.use_text else [], batch_size=cfg.embed_batch_size,
+                       shard_size=512, num_threads=cfg.num_threads, device=cfg.device, progress=cfg.progress)
+    atomic_write_text(out / "embed_config.json", json.dumps(ecfg.model_dump(mode="json"), indent=1))
+    return embed_items(ecfg, out / "embeddings")
+
+
+def main(config_path: str | Path | dict[str, Any], overrides: Sequence[str] = (), *,
+         stages: Sequence[str] = STAGES, out: str | Path | None = None, restart: bool = False) -> dict[str, Any]:
+    cfg = load_tpad_config(config_path, overrides)
+    if out is not None:
+        cfg = cfg.model_copy(update={"out": str(out)})
+    report = run_tpad(cfg, stages, restart=restart)
+    print(f"report: {Path(cfg.out) / 'report.md'}")
+    return report

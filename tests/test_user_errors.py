@@ -1,0 +1,126 @@
+"""The one user-error contract: every command answers a bad config, a bad path and a misspelt feature (and the other
+mistakes new users made) with exit code 2 and one line that names the problem -- no traceback, no run folder left
+behind."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from distillrec.cli import app
+
+from conftest import TINY_DEMO
+
+runner = CliRunner()
+SHOP = {"name": "demo", "options": {"n_items": 60, "n_users": 40, "seed": 1, "write_images": False}}
+
+
+def _fails(args: list[str], *needles: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    out = result.output
+    assert result.exit_code == 2, (result.exit_code, out, result.exception)
+    assert "Traceback" not in out
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), out
+    for n in needles:
+        assert n in out, (n, out)
+    return out
+
+
+def _yaml(path, data) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _train_cfg(tmp_path, **train):
+    return _yaml(tmp_path / "t.yaml", {"model": {"name": "sasrec"}, "dataset": TINY_DEMO,
+                                       "train": {"epochs": 1, "progress": False, **train}})
+
+
+# --------------------------------------------------------------------------------------------- every command
+def test_every_command_names_a_missing_config_or_folder(tmp_path):
+    nowhere = tmp_path / "nowhere.yaml"
+    for cmd in (["train"], ["embed"], ["align"], ["tpad"], ["method", "tpad"], ["method", "align"]):
+        _fails([*cmd, nowhere], "nowhere.yaml", "not found")
+    for cmd in (["evaluate", tmp_path / "norun"], ["recommend", tmp_path / "norun", "x"],
+                ["compare", tmp_path / "norun"]):
+        _fails(cmd, "norun")
+    _fails(["data", "inspect", tmp_path / "nodata"], "nodata")
+    _fails(["data", "export-recbole", "no-such-dataset", "--out", tmp_path / "x"], "no-such-dataset")
+    _fails(["method", "nosuch", nowhere], "unknown method 'nosuch'", "tpad")
+
+
+def test_every_config_command_names_a_misspelt_key(tmp_path):
+    _fails(["train", _yaml(tmp_path / "a.yaml", {"model": {"name": "pop"}, "dataset": TINY_DEMO, "trian": {}})],
+           "unknown key 'trian'")
+    _fails(["embed", _yaml(tmp_path / "b.yaml", {"dataset": SHOP, "lm": {"name": "tiny"}, "batchsize": 2})],
+           "unknown key 'batchsize'")
+    _fails(["tpad", _yaml(tmp_path / "c.yaml", {"dataset": SHOP, "knowlege": {}})], "unknown key 'knowlege'")
+    _fails(["align", _yaml(tmp_path / "d.yaml", {"dataset": SHOP, "epocs": 1})], "unknown key 'epocs'")
+
+
+def test_a_misspelt_multimodal_key_is_found_when_the_config_is_read(tmp_path):
+    for cmd in ("tpad", "align"):
+        _fails([cmd, _yaml(tmp_path / f"{cmd}.yaml", {"dataset": SHOP, "lm": "tiny",
+                                                       "multimodal": {"conector": "mlp"}}), "--out", tmp_path / cmd],
+               "conector")
+        assert not (tmp_path / cmd).exists()
+
+
+def test_every_command_names_a_misspelt_feature(tmp_path):
+    pytest.importorskip("transformers")
+    base = {"dataset": SHOP, "lm": {"name": "tiny"}, "progress": False}
+    _fails(["train", _yaml(tmp_path / "t.yaml", {"model": {"name": "fused_sasrec",
+                                                          "params": {"features": ["atributes_onehot"]}},
+                                                "dataset": SHOP, "train": {"epochs": 1}}), "--out", tmp_path / "r"],
+           "atributes_onehot", "attributes_onehot")
+    assert not (tmp_path / "r").exists()  # found before the run folder is made
+    _fails(["embed", _yaml(tmp_path / "e.yaml", {**base, "image_features": "image_clipp"}), "--out", tmp_path / "e"],
+           "image_clipp", "attributes_onehot")
+    _fails(["tpad", _yaml(tmp_path / "p.yaml", {**base, "image_features": "image_clipp"}), "--out", tmp_path / "p"],
+           "image_clipp", "attributes_onehot")
+    _fails(["align", _yaml(tmp_path / "a.yaml", {**base, "image_feature": "image_clipp"}), "--out", tmp_path / "a"],
+           "image_clipp", "attributes_onehot")
+
+
+# ---------------------------------------------------------------------------------------- values and options
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_len=0", "train.max_len"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.batch_size=-1", "train.batch_size"),
+    ("train.lr=-0.1", "train.lr"),
+    ("train.num_threads=0", "train.num_threads"),
+    ("train.seeds=[]", "train.seeds"),
+    ("train.seeds=[1,", "not valid YAML"),
+    ("train.max_len=80", "max_len=50"),  # longer than SASRec's positional table
+    ("model.params.hidden_sise=8", "hidden_sise"),
+])
+def test_train_rejects_bad_values_before_anything_runs(tmp_path, override, needle):
+    _fails(["train", _train_cfg(tmp_path), "--set", override, "--out", tmp_path / "r"], needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_mistyped_loader_option_names_it_and_leaves_no_run_folder(tmp_path):
+    cfg = _yaml(tmp_path / "c.yaml", {"model": {"name": "pop"},
+                                      "dataset": {"name": "x", "format": "s3rec", "path": str(tmp_path),
+                                                  "options": {"stemm": "Beauty"}}})
+    _fails(["train", cfg, "--out", tmp_path / "run"], "stemm")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_that_is_not_utf8_or_a_folder(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model: {name: pop}\n# caf\xe9\n".encode("latin-1"))
+    _fails(["train", bad], "not UTF-8")
+    _fails(["train", tmp_path], "not found")
+
+
+def test_out_that_is_a_file_and_bad_recommend_and_compare_options(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _fails(["train", _train_cfg(tmp_path), "--out", f], "is a file")
+    _fails(["recommend", tmp_path, "a", "-k", "-5"], "-k -5")
+    runner.invoke(app, ["train", _yaml(tmp_path / "p.yaml", {"model": {"name": "pop"}, "dataset": TINY_DEMO}),
+                        "--out", tmp_path / "pop"])
+    _fails(["compare", tmp_path / "pop", "--metric", "foo@7"], "foo@7", "ndcg@K")
