@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; do not write the Markdown file")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from distillrec.config import set_num_threads
+
+    set_num_threads(args.threads)
     threads = torch.get_num_threads()
     bss = [int(x) for x in args.batch_sizes.split(",")]
     dtypes = [x.strip() for x in args.dtypes.split(",")]

@@ -215,32 +215,28 @@ def our_worker(spec_path: str) -> None:
     import numpy as np
     import torch
 
+    from distillrec.config import set_num_threads
     from distillrec.data.loaders import load_dataset
     from distillrec.evaluation.evaluator import rank_examples
     from distillrec.evaluation.metrics import metrics_from_ranks
-    from distillrec.models import build_model
-    from distillrec.training.checkpoint import load_checkpoint
-    from distillrec.runs import load_config
+    from distillrec.runs import RunFolder, load_config, load_trained
     from distillrec.training.trainer import peak_rss_mb, run
 
-    torch.set_num_threads(spec["threads"])
+    set_num_threads(spec["threads"])
     cfg = load_config(spec["config"])
     out_dir = Path(spec["out_dir"])
     dataset = load_dataset(cfg.dataset)
-    metrics = run(cfg, out_dir, dataset=dataset)
+    metrics = run(cfg, out_dir, resume=False, dataset=dataset)  # timed from scratch, never resumed
     seed = cfg.train.seeds[0]
     s = metrics["seeds"][0]
 
-    torch.manual_seed(seed)
-    model = build_model(cfg.model.name, cfg.model.params, dataset)
-    model.fit(dataset)
-    load_checkpoint(out_dir / "checkpoints" / f"seed{seed}" / "best.safetensors", model)
+    model = load_trained(out_dir, seed, dataset).model
     t0 = time.perf_counter()
     rank_examples(model, dataset.valid, cfg.eval, cfg.train.max_len)
     rank_examples(model, dataset.test, cfg.eval, cfg.train.max_len)
     eval_pass_s = time.perf_counter() - t0
 
-    ranks = np.load(out_dir / "ranks" / f"test_seed{seed}.npy")
+    ranks = RunFolder(out_dir).read_ranks("test", seed)
     per = metrics_from_ranks(ranks, (10,))
     n = len(ranks)
     n_units = spec["train_units"]

@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.sessions < 1 or args.llm_sessions < 1 or args.llm_batch < 1 or args.context_items < 0:
         ap.error("--sessions, --llm-sessions and --llm-batch must be >= 1, --context-items >= 0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from distillrec.config import set_num_threads
+
+    set_num_threads(args.threads)
     threads = torch.get_num_threads()
     device = torch.device(args.device)
     cmd = "python benchmarks/tpad_speed.py " + " ".join(shlex.quote(a) for a in (

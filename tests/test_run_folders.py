@@ -31,7 +31,9 @@ def test_train_resumes_by_default_refuses_another_config_and_restarts_on_request
     metrics = json.loads((out / "metrics.json").read_text())
     again = runner.invoke(app, ["train", cfg, "--out", str(out)])  # finished seeds are reused, not retrained
     assert again.exit_code == 0
-    assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
+    reused = json.loads((out / "metrics.json").read_text())
+    assert reused["test"] == metrics["test"]
+    assert reused["timing"]["train_s"] == metrics["timing"]["train_s"] > 0  # the time it took, not the reuse's
     assert (out / "train.log").read_text().count("epoch 1:") == 1
     other = runner.invoke(app, ["train", cfg, "--out", str(out), "--set", "train.lr=0.01"])
     assert other.exit_code == 2 and "differs in train.lr" in other.output

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -25,6 +24,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from ..data.dataset import ItemTable
+from ..files import atomic_write
 from .image import ImageEncoder, ImageFeatures, REASONS
 from .text import TextEncoder
 
@@ -121,15 +121,8 @@ class FeatureCache:
         p = self.path(encoder_id, content_hash)
         p.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_VERSION, "encoder_id": encoder_id, "content_hash": content_hash, **(metadata or {})}
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        os.close(fd)
-        try:
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=meta)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return p
+        return atomic_write(p, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                                      str(tmp), metadata=meta))
 
 
 def _cache_of(cache: FeatureCache | str | os.PathLike | bool | None) -> FeatureCache | None:

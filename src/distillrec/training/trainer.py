@@ -103,6 +103,7 @@ def train_one_seed(
             state = load_checkpoint(last_path, model, optimizer)
             logger.info(f"seed {seed}: resumed after epoch {state['epoch_done']}")
         history = state["history"]
+        t_train, t_eval = state.get("train_s", 0.0), state.get("eval_s", 0.0)  # a resumed run keeps its time
 
         if model.train_format == "causal":
             units = causal_windows(dataset.train, tc.max_len)
@@ -163,6 +164,7 @@ def train_one_seed(
             )
             state["history"] = history
             state["epoch_done"] = epoch
+            state["train_s"], state["eval_s"] = t_train, t_eval
             state["finished"] = state["bad_epochs"] >= tc.patience or epoch + 1 >= tc.epochs
             if rank == 0:
                 if improved:
