@@ -46,7 +46,8 @@ class StageSettings(BaseModel):
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, ge=0)  # None or 0: no clipping
-    max_items: int | None = Field(None, ge=2)  # training units per epoch (None: all)
+    max_items: int | None = Field(None, ge=2)  # training units, drawn once by seed (None: all)
+    steps_per_epoch: int | None = Field(None, ge=1)  # batches per epoch, each epoch a new draw (None: all units)
 
 
 def config_key(obj: Any) -> str:
@@ -58,13 +59,15 @@ class Stage:
     """One resumable training stage in ``<out>/<name>`` (``checkpoint/`` while running, ``final/`` when done)."""
 
     def __init__(self, name: str, settings: StageSettings, out: Path, key: Any, *, seed: int, stage_id: int,
-                 save_every: int = 50, progress: bool = True, full_batches: bool = True):
+                 save_every: int = 50, progress: bool = True, full_batches: bool = True,
+                 autocast: str | None = None, device: torch.device | str = "cpu"):
         self.name, self.settings = name, settings
         self.dir = Path(out) / name
         self.key = config_key(key)
         self.seed, self.stage_id = seed, stage_id
         self.save_every, self.progress = save_every, progress
         self.full_batches = full_batches  # contrastive losses need full batches; otherwise the last one is partial
+        self.autocast, self.device = autocast, device  # "bf16": steps run under torch.autocast(bfloat16)
 
     @property
     def done_dir(self) -> Path:
@@ -87,6 +90,9 @@ class Stage:
                               "or --restart")
         return None
 
+    def _autocast(self):
+        return autocast_context(self.autocast, self.device)
+
     def _save(self, folder: Path, lm, heads, opts, state: dict[str, Any]) -> None:
         save_stage_checkpoint(folder, lm, heads, opts, {**state, "key": self.key})
 
@@ -104,6 +110,8 @@ class Stage:
         s = self.settings
         bs = s.batch_size
         n_batches = n_units // bs if self.full_batches else -(-n_units // bs)
+        if s.steps_per_epoch is not None:
+            n_batches = min(n_batches, s.steps_per_epoch)
         if n_batches == 0:
             raise ConfigError(f"{self.name}: {n_units} training units are fewer than batch_size {bs}; lower "
                               f"{self.name}.batch_size")
@@ -139,7 +147,8 @@ class Stage:
             if lr_at is not None:
                 for g in opts[0].param_groups:
                     g["lr"] = lr_at(state["step"], total)
-            losses = step_fn(order[b * bs:(b + 1) * bs], rng)
+            with self._autocast():
+                losses = step_fn(order[b * bs:(b + 1) * bs], rng)
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             opts[0].step()
@@ -171,6 +180,17 @@ class Stage:
         self._save(self.done_dir, lm, heads, opts, {**state, "finished": True})
         shutil.rmtree(ck, ignore_errors=True)
         return state
+
+
+def autocast_context(autocast: str | None, device: torch.device | str = "cpu"):
+    """``torch.autocast`` in bfloat16 for ``"bf16"``, else a no-op context."""
+    import contextlib
+
+    if autocast in (None, "off"):
+        return contextlib.nullcontext()
+    if autocast != "bf16":
+        raise ConfigError(f"autocast '{autocast}': use off or bf16")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:

@@ -32,8 +32,9 @@ class KnowledgeConfig(TPADStageSettings):
 class TransferConfig(TPADStageSettings):
     max_order: int = Field(3, ge=1)  # K: pairs (t, t + k), k = 1..K
     max_len: int = Field(50, ge=2)  # the last items of each training sequence that pairs are drawn from
-    context_items: int = Field(0, ge=0)  # earlier items of the session named in the anchor's prompt
+    context_items: int = Field(2, ge=0)  # earlier items of the session named in the anchor's prompt
     instruction: str = "Read the item below; the user will look at a related item next."
+    heldout_pairs: int = Field(256, ge=0)  # validation transitions for the held-out retrieval curve (0: none)
 
 
 class AlignConfig(TPADStageSettings):
@@ -70,6 +71,8 @@ class TPADConfig(JobSettings):
     align: AlignConfig = Field(default_factory=AlignConfig)
     embed_batch_size: int = Field(32, ge=1)
     save_every: int = Field(50, ge=1)  # steps between checkpoints (and at every epoch end)
+    autocast: Literal["off", "bf16"] = "off"  # the LM stages' steps under torch.autocast(bfloat16)
+    probe: bool = True  # the transition probe of every item representation at the end (report: "Probe")
     out: str = "runs/tpad"
 
     @model_validator(mode="after")

@@ -36,6 +36,26 @@ class TPADData:
         self.gr_items = sorted(int(i) for i in perm[:n_gr])
         self.train_items = np.array(sorted(int(i) for i in perm[n_gr:]), dtype=np.int64)
         self.sequences = ds.train
+        self.seed = cfg.seed
+
+    def stage_items(self, max_items: int | None, tag: int) -> np.ndarray:
+        """A stage's training items: all (``max_items`` None) or ``max_items`` of them drawn at random by
+        ``(seed, tag)`` -- never the lowest ids, which in sorted lists are the most frequent ones."""
+        if max_items is None or max_items >= len(self.train_items):
+            return self.train_items
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, tag]))
+        return np.sort(rng.choice(self.train_items, max_items, replace=False))
+
+    def heldout_pairs(self, n: int) -> tuple[np.ndarray, list[list[int]]]:
+        """Up to ``n`` validation transitions (last history item -> target) with the anchor's session context (the
+        items before it, at most ``context``), drawn by seed: the Transfer tower's held-out retrieval set."""
+        hist, tgt = self.ds.valid.histories, self.ds.valid.targets
+        rows = [i for i, h in enumerate(hist) if len(h) and int(h[-1]) != int(tgt[i])]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x7E]))
+        rows = sorted(rng.choice(rows, min(n, len(rows)), replace=False).tolist()) if rows else []
+        pairs = np.array([[int(hist[i][-1]), int(tgt[i]), 1] for i in rows], dtype=np.int64).reshape(-1, 3)
+        contexts = [[int(x) for x in hist[i][:-1]] for i in rows]
+        return pairs, contexts
 
     def images(self, items: np.ndarray, drop: np.ndarray | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         mask = torch.from_numpy(self.has_image[items].copy())

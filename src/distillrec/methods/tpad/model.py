@@ -104,6 +104,27 @@ class TransitionContrast(nn.Module):
         same = positive_items.unsqueeze(0) == positive_items.unsqueeze(1)
         return contrastive_loss(self.head(anchor), self.head(positive), self.temperature, same)
 
+    @torch.no_grad()
+    def retrieval(self, anchor: torch.Tensor, positive: torch.Tensor, positive_items: torch.Tensor
+                  ) -> dict[str, float]:
+        """Held-out retrieval through the head: each anchor ranks all positives of the set (cosine); top-1, HR@10,
+        MRR and the mean rank of its own (other rows with the same positive item are not counted against it), with
+        chance top-1 = 1 / N. The head's standardisation uses the set's own statistics, as in training, and leaves
+        its running statistics alone."""
+        norm, lin = self.head[0], self.head[1]
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            return lin(F.batch_norm(x.float(), None, None, training=True, eps=norm.eps))
+
+        a, p = F.normalize(head(anchor), dim=-1), F.normalize(head(positive), dim=-1)
+        sims = a @ p.t()
+        same = (positive_items.unsqueeze(0) == positive_items.unsqueeze(1)) & ~torch.eye(len(a), dtype=torch.bool)
+        sims = sims.masked_fill(same, float("-inf"))
+        rank = (sims >= sims.diagonal().unsqueeze(1)).sum(1).float()
+        return {"top1": float((rank == 1).float().mean()), "hr@10": float((rank <= 10).float().mean()),
+                "mrr": float((1 / rank).mean()), "mean_rank": float(rank.mean()), "n": len(a),
+                "chance_top1": 1 / len(a)}
+
 
 def _projector(d_in: int, d_out: int) -> nn.Sequential:
     # standardised input as in _head; normalised output, so no loss can be lowered by shrinking a projection

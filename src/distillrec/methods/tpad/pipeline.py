@@ -46,7 +46,7 @@ from ...errors import ConfigError
 from ...files import atomic_save_tensors, atomic_write_text, prepare_out, write_folder_atomically
 from ...llm.builder import build_multimodal, multimodal_config
 from ...llm.multimodal import MultimodalLM
-from ...training.stages import Stage, seeded
+from ...training.stages import Stage, autocast_context, seeded
 from .config import KNOWLEDGE, STAGES, TRANSFER, TPADConfig, load_tpad_config
 from .data import TPADData
 from .keywords import generation_rate
@@ -54,7 +54,7 @@ from .model import KnowledgeHeads, TransitionalPatternAlignment, TransitionContr
 from .report import render_markdown
 
 # what a TPAD run writes into its folder: --restart removes these and nothing else
-OUTPUTS = ("knowledge", "transfer", "align", "model", "embeddings", "config.json", "embed_config.json",
+OUTPUTS = ("knowledge", "transfer", "align", "states", "model", "embeddings", "config.json", "embed_config.json",
            "report.json", "report.md")
 
 
@@ -77,9 +77,9 @@ def _trainable(mm: MultimodalLM, heads: nn.Module) -> list[nn.Parameter]:
     return [p for _, p in mm.trainable_named_parameters()] + [p for p in heads.parameters() if p.requires_grad]
 
 
-def _stage(cfg: TPADConfig, name: str, out: Path, stage_id: int) -> Stage:
+def _stage(cfg: TPADConfig, name: str, out: Path, stage_id: int, device: torch.device) -> Stage:
     return Stage(name, getattr(cfg, name), out, _stage_key(cfg, name), seed=cfg.seed, stage_id=stage_id,
-                 save_every=cfg.save_every, progress=cfg.progress)
+                 save_every=cfg.save_every, progress=cfg.progress, autocast=cfg.autocast, device=device)
 
 
 def _knowledge_heads(cfg: TPADConfig, data: TPADData, d: int, views: bool = True) -> KnowledgeHeads:
@@ -145,13 +145,14 @@ def generation_rates(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, items: S
 
 def stage_knowledge(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, log: Callable) -> dict[str, Any]:
     k = cfg.knowledge
-    stage = _stage(cfg, "knowledge", out, 1)
+    stage = _stage(cfg, "knowledge", out, 1, mm.device)
     if (done := stage.load_finished(mm)) is not None:
         return done
     _set_trainable(mm, KNOWLEDGE, shared=True)
     heads = seeded(cfg.seed * 1000 + 1, lambda: _knowledge_heads(cfg, data, mm.hidden_size))
     opt = torch.optim.AdamW(_trainable(mm, heads), lr=k.lr, weight_decay=k.weight_decay)
-    items = data.train_items if k.max_items is None else data.train_items[: k.max_items]
+    items = data.stage_items(k.max_items, 0x1)
+    _save_stage_items(data, out, "knowledge", items)
     mm.train()
 
     def step(idx: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
@@ -165,7 +166,7 @@ def stage_knowledge(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path
 def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, log: Callable) -> dict[str, Any]:
     """Stage 2a; with ``towers: single`` the knowledge tower itself learns the transition task (plus L_gen)."""
     t = cfg.transfer
-    stage = _stage(cfg, "transfer", out, 2)
+    stage = _stage(cfg, "transfer", out, 2, mm.device)
     if (done := stage.load_finished(mm)) is not None:
         return done
     single = cfg.towers == "single"
@@ -185,6 +186,30 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
         contexts = [contexts[i] for i in keep] if contexts else None
     opt = torch.optim.AdamW(_trainable(mm, heads), lr=t.lr, weight_decay=t.weight_decay)
     no_views = _knowledge_heads(cfg, data, mm.hidden_size, views=False)
+    held, held_ctx = data.heldout_pairs(t.heldout_pairs)
+    held_ctx = [c[-t.context_items:] if t.context_items else [] for c in held_ctx]
+
+    @torch.no_grad()
+    def heldout_retrieval() -> dict[str, Any]:
+        """The transition head's retrieval of each held-out target among all held-out targets."""
+        if len(held) < 2:
+            return {}
+        a = pair_states(held, held_ctx if t.context_items else None)
+        p = _states(cfg, data, mm, held[:, 1], tower, t.instruction)
+        r = heads["transition"].retrieval(a, p, torch.from_numpy(held[:, 1]))
+        return {f"heldout_{k}": v for k, v in r.items()}
+
+    def pair_states(p: np.ndarray, contexts: list[list[int]] | None) -> torch.Tensor:
+        rows = []
+        for s in range(0, len(p), cfg.embed_batch_size):
+            chunk = p[s:s + cfg.embed_batch_size]
+            img, mask = data.images(chunk[:, 0])
+            with autocast_context(cfg.autocast, mm.device):
+                o = mm.embed(data.pair_texts(chunk, contexts[s:s + len(chunk)] if contexts else None), img,
+                             adapter=tower, image_mask=mask, instruction=t.instruction)
+            rows.append(torch.cat([o["image"], o["text"]], -1).float().cpu())
+        return torch.cat(rows)
+
     mm.train()
 
     def step(idx: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
@@ -206,41 +231,61 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
         loss.backward()
         return parts
 
-    return stage.run(mm, heads, [opt], len(pairs), step, None, log)
+    return stage.run(mm, heads, [opt], len(pairs), step, heldout_retrieval if len(held) >= 2 else None, log)
 
 
 @torch.no_grad()
-def transfer_states(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, items: np.ndarray) -> torch.Tensor:
-    """The frozen Transfer tower's ``[t_img; t_txt]`` of ``items`` (computed once, in eval mode)."""
+def _states(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, items: np.ndarray, tower: str,
+            instruction: str | None = None, desc: str | None = None) -> torch.Tensor:
+    """``[s_img; s_txt]`` of ``items`` from ``tower`` (float32, CPU), in eval mode, under the run's autocast."""
     from tqdm.auto import tqdm
 
+    was = mm.training
     mm.eval()
     rows = []
-    for s in tqdm(range(0, len(items), cfg.embed_batch_size), desc="transfer states", disable=not cfg.progress,
+    for s in tqdm(range(0, len(items), cfg.embed_batch_size), desc=desc, disable=not (cfg.progress and desc),
                   leave=False):
         chunk = items[s:s + cfg.embed_batch_size]
         img, mask = data.images(chunk)
-        o = mm.embed([data.texts[i] for i in chunk], img, adapter=TRANSFER, image_mask=mask,
-                     instruction=cfg.transfer.instruction)
-        rows.append(torch.cat([o["image"], o["text"]], -1).cpu())
-    mm.train()
+        with autocast_context(cfg.autocast, mm.device):
+            o = mm.embed([data.texts[i] for i in chunk], img, adapter=tower, image_mask=mask,
+                         instruction=instruction)
+        rows.append(torch.cat([o["image"], o["text"]], -1).float().cpu())
+    mm.train(was)
     return torch.cat(rows)
+
+
+def item_states(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, name: str, tower: str,
+                instruction: str | None = None) -> torch.Tensor:
+    """Every item's ``[s_img; s_txt]`` from ``tower`` as it is now, ``[n_items + 1, 2d]`` (row 0 = padding),
+    computed once per run folder (``<out>/states/<name>.safetensors``)."""
+    from safetensors.torch import load_file
+
+    path = out / "states" / f"{name}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["states"]
+    items = np.arange(1, data.ds.n_items + 1)
+    body = _states(cfg, data, mm, items, tower, instruction, desc=f"{name} states")
+    states = torch.cat([torch.zeros(1, body.shape[1]), body])
+    atomic_save_tensors(path, {"states": states})
+    return states
+
+
+def _save_stage_items(data: TPADData, out: Path, stage: str, items: np.ndarray) -> None:
+    import json
+
+    atomic_write_text(out / stage / "items.json",
+                      json.dumps([data.ds.items.ids[int(i) - 1] for i in items]))
 
 
 def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, log: Callable) -> dict[str, Any]:
     a = cfg.align
-    stage = _stage(cfg, "align", out, 3)
+    stage = _stage(cfg, "align", out, 3, mm.device)
     if (done := stage.load_finished(mm)) is not None:
         return done
-    items = data.train_items if a.max_items is None else data.train_items[: a.max_items]
-    cache = out / "align" / "transfer_states.safetensors"
-    if cache.is_file():
-        from safetensors.torch import load_file
-
-        t_states = load_file(str(cache))["states"]
-    else:
-        t_states = transfer_states(cfg, data, mm, items)
-        atomic_save_tensors(cache, {"states": t_states})
+    items = data.stage_items(a.max_items, 0x3)
+    _save_stage_items(data, out, "align", items)
+    t_states = item_states(cfg, data, mm, out, "transfer", TRANSFER, cfg.transfer.instruction)[torch.from_numpy(items)]
     _set_trainable(mm, KNOWLEDGE, shared=True)
     d = mm.hidden_size
 
@@ -332,16 +377,51 @@ def run_tpad(cfg: TPADConfig, stages: Sequence[str] = STAGES, *, restart: bool =
         for s in need:
             t0 = time.perf_counter()
             report["stages"][s] = _summary(runners[s](cfg, data, mm, out, log))
+            if cfg.probe and s == "knowledge":  # the Knowledge embedding before stage 2b, for the probe
+                item_states(cfg, data, mm, out, "knowledge_stage1", KNOWLEDGE)
+            if cfg.probe and s == "transfer" and cfg.towers == "two":
+                item_states(cfg, data, mm, out, "transfer", TRANSFER, cfg.transfer.instruction)
             report["seconds"][s] = round(time.perf_counter() - t0, 2)
         write_folder_atomically(out / "model", mm.save_trainable)
     if "embed" in stages:
         t0 = time.perf_counter()
         report["embeddings"] = embed_with_knowledge_tower(cfg, out)
         report["seconds"]["embed"] = round(time.perf_counter() - t0, 2)
+        if cfg.probe:
+            t0 = time.perf_counter()
+            ds = dataset if dataset is not None else (data.ds if need else load_dataset(cfg.dataset))
+            report["probe"] = transition_probes(cfg, ds, out)
+            report["seconds"]["probe"] = round(time.perf_counter() - t0, 2)
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str))
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+def transition_probes(cfg: TPADConfig, ds: Dataset, out: Path) -> dict[str, Any]:
+    """The transition probe (:mod:`distillrec.evaluation.probe`) of every item representation the run has: the raw
+    image feature and text view, the Transfer states, the exported Knowledge embedding after stage 1 and the final
+    export (after stage 2b)."""
+    from safetensors.numpy import load_file
+
+    from ...data.embeddings import EMBEDDINGS_FILE
+    from ...evaluation.probe import probe_table
+
+    emb: dict[str, np.ndarray] = {}
+    if cfg.use_image and cfg.image_features in ds.items.features:
+        emb[f"raw {cfg.image_features}"] = ds.items.features[cfg.image_features]
+    if cfg.use_text and cfg.text_view and cfg.text_view in ds.items.features:
+        emb[f"raw {cfg.text_view}"] = ds.items.features[cfg.text_view]
+    if len(emb) == 2:
+        emb["raw both"] = np.concatenate(list(emb.values()), 1)
+    states = {n: out / "states" / f"{f}.safetensors" for n, f in (("transfer states", "transfer"),
+                                                                   ("knowledge after stage 1", "knowledge_stage1"))}
+    for name, path in states.items():
+        if path.is_file():
+            emb[name] = load_file(str(path))["states"]
+    final = load_file(str(out / "embeddings" / EMBEDDINGS_FILE))
+    emb["exported (final)"] = np.concatenate([final["image"], final["text"]], 1)
+    return probe_table(emb, ds)
 
 
 def _summary(state: dict[str, Any]) -> dict[str, Any]:

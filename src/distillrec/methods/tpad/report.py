@@ -28,10 +28,29 @@ def render_markdown(r: dict[str, Any]) -> str:
                   "the image only, or the text only, on held-out items (epoch 0 = before training).", ""]
     if "transfer" in st:
         lines += ["## Stage 2a: Transfer-MLLM", ""]
-        lines += table("transfer", {"transition": "transition InfoNCE", "gen": "L_gen"})
+        lines += table("transfer", {"transition": "transition InfoNCE", "gen": "L_gen",
+                                    "heldout_top1": "held-out top-1", "heldout_hr@10": "held-out HR@10",
+                                    "heldout_mrr": "held-out MRR"})
+        h = next((h for h in st["transfer"]["history"] if h.get("heldout_n")), None)
+        if h:
+            lines += [f"Held-out retrieval: {h['heldout_n']} validation transitions (last item, with its session "
+                      f"context, -> next item), each anchor ranking all {h['heldout_n']} targets through the "
+                      f"transition head; chance top-1 = {fmt_number(h['heldout_chance_top1'], 4)}. Read the InfoNCE "
+                      "against this, not against ln(batch size).", ""]
     if "align" in st:
         lines += ["## Stage 2b: Transitional pattern alignment", ""]
         lines += table("align", {"loss": "loss", "gen": "L_gen", "club": "CLUB (min)", "mine": "MINE (max)", **gr})
+    if r.get("probe"):
+        p = r["probe"]
+        first = next(iter(p.values()))
+        lines += ["## Transition probe", "",
+                  "Next-item retrieval from the embedding alone: the last item of each held-out history ranks the "
+                  "whole catalogue by cosine (columns standardised), HR@10 and MRR of the true next item; "
+                  f"chance HR@10 = {fmt_number(first['valid']['chance_hr@10'], 4)} "
+                  f"({first['valid']['n']} validation, {first['test']['n']} test transitions).", ""]
+        rows = [[name, fmt_number(v["valid"]["hr@10"], 4), fmt_number(v["valid"]["mrr"], 4),
+                 fmt_number(v["test"]["hr@10"], 4), fmt_number(v["test"]["mrr"], 4)] for name, v in p.items()]
+        lines += [markdown_table(["embedding", "valid HR@10", "valid MRR", "test HR@10", "test MRR"], rows), ""]
     if r.get("embeddings"):
         e = r["embeddings"]
         lines += [f"Embeddings: `{e['path']}` ({e['n_items']} items, dims {e.get('dims')}).", ""]
