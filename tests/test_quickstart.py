@@ -35,6 +35,7 @@ def test_small_quickstart_runs_tpad_dimo_and_writes_the_report(tmp_path):
     for name in ("pop", "dimo_tpad", "fused_sasrec_tpad"):
         assert f"| {name} |" in text
     assert "GR image" in text and "tpad_curves.png" in text and "dimo_tpad_pca.png" in text
+    assert "Transition probe" in text and "| exported (final) |" in text and "| transfer states |" in text
     assert (tmp_path / "tpad_curves.png").stat().st_size > 1000
     assert (tmp_path / "dimo_tpad_pca.png").stat().st_size > 1000
     assert (tmp_path / "tpad" / "embeddings" / "item_embeddings.safetensors").is_file()

@@ -120,6 +120,12 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
         [[stage, h["epoch"], *(fmt_number(h.get(k), 3) for k in ("gr_both", "gr_image", "gr_text"))]
          for stage in ("knowledge", "align") for h in tpad_report["stages"].get(stage, {}).get("history", [])],
     )
+    probe = tpad_report.get("probe") or {}
+    probe_md = markdown_table(
+        ["embedding", "valid HR@10", "valid MRR", "test HR@10", "test MRR"],
+        [[name, *(fmt_number(v[split][m], 4) for split in ("valid", "test") for m in ("hr@10", "mrr"))]
+         for name, v in probe.items()]) if probe else ""
+    chance = next(iter(probe.values()))["test"]["chance_hr@10"] if probe else None
     report = (
         "# distillrec quickstart: the demo shop\n\n"
         f"Dataset: {dataset.statistics()}\n\n"
@@ -130,7 +136,12 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
         "SASRec with the shop's attribute one-hot.\n\n"
         "## TPAD\n\nKeyword generation rate (GR) on held-out items, per prompt modality (knowledge epoch 0: before "
         "training; align = stage 2b):\n\n"
-        + gr + f"\n\nTPAD report: `tpad/report.md`; time (s): {json.dumps(tpad_report['seconds'])}.\n\n"
+        + gr + "\n\n"
+        + ("Transition probe: next-item retrieval from each item representation alone (the last item of a held-out "
+           "history ranks every item by cosine, columns standardised); chance HR@10 = "
+           f"{fmt_number(chance, 4)}. It says whether TPAD's transition signal reaches what it exports.\n\n"
+           + probe_md + "\n\n" if probe else "")
+        + f"TPAD report: `tpad/report.md`; time (s): {json.dumps(tpad_report['seconds'])}.\n\n"
         + (f"![TPAD training curves]({curves.name})\n\n" if curves else "")
         + (f"![DIMO ID vs modality item tables, PCA]({pca.name})\n\n" if pca else "")
         + "Each run's own report (slices, curves, timing): `<run>/report.md`.\n"
