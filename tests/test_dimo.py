@@ -14,7 +14,7 @@ from distillrec.data.dataset import Dataset, Examples, ItemTable, leave_one_out
 from distillrec.models import build_model, get_model_class
 from distillrec.models import dimo as dimo_module
 from distillrec.models.dimo import (
-    DIMO, cooccurrence_counts, counterfactual_loss, proxy_loss, sample_negatives, top_cooccurring,
+    DIMO, cooccurrence_counts, cooccurrence_loss, counterfactual_loss, proxy_loss, sample_negatives, top_cooccurring,
 )
 from distillrec.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -23,6 +23,8 @@ from conftest import TINY_DEMO
 torch.set_num_threads(1)
 
 SMALL = {"embedding_dim": 16, "num_heads": 2, "co_layers": 2, "top_k_cooccur": 3}
+# loss(prefix_batch(cycle_dataset())) of fitted(ds, features=["text"]) after torch.manual_seed(1), default aux settings
+DEFAULT_LOSS = 2.0848107
 
 
 def explicit_dataset(train, valid, test, n_items, features=None) -> Dataset:
@@ -179,6 +181,18 @@ def test_counterfactual_loss_formula():
     assert float(counterfactual_loss(s_id, s_mo, y_id, y_mo, flag)) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_cooccurrence_loss_formula_and_sum_reduction():
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    positives = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # cos 1 and 1/sqrt2
+    negatives = torch.tensor([[[0.0, 1.0], [-1.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]]])  # cos (0, -1) and (1, 0)
+    c = 1 / math.sqrt(2)
+    l0 = math.log10(math.e**1 + math.e**0 + math.e**-1) - math.log10(math.e**1)
+    l1 = math.log10(math.e**c + math.e**1 + math.e**0) - math.log10(math.e**c)
+    assert float(cooccurrence_loss(anchors, positives, negatives)) == pytest.approx((l0 + l1) / 2, abs=1e-6)
+    # sum = mean x number of anchors (the released code sums over the items)
+    assert float(cooccurrence_loss(anchors, positives, negatives, reduction="sum")) == pytest.approx(l0 + l1, abs=1e-6)
+
+
 def test_model_calls_proxy_loss_in_documented_order(monkeypatch):
     ds = cycle_dataset()
     model = fitted(ds, features=["text"], dropout=0.0, attn_dropout=0.0)
@@ -200,6 +214,65 @@ def test_model_calls_proxy_loss_in_documented_order(monkeypatch):
 
 
 # ---------------------------------------------------------------- model behaviour
+
+
+def auxiliary_terms_by_hand(model, batch):
+    """The three unweighted auxiliary losses, mean-reduced, from the free functions (every anchor item for L_co)."""
+    enc = model.encode(batch)
+    table, items = enc["id_table"], model.co_items
+    positives = (table[model.pos_items[items]] * model.pos_weights[items].unsqueeze(-1)).sum(1)
+    co = cooccurrence_loss(table[items], positives, table[model.neg_items[items]])
+    pro = proxy_loss(enc["s_id"], enc["p_id"], enc["s_mo"], enc["p_mo"], model.proxy_maps)
+    target = batch["target"]
+    flag = model.criterion_flag(batch["history"], target)
+    cri = counterfactual_loss(enc["s_id"], enc["s_mo"], enc["id_table"][target], enc["mo_table"][target], flag)
+    ce = torch.nn.functional.cross_entropy(model._logits(enc), target - 1)
+    return ce, co, pro, cri
+
+
+def test_default_loss_is_ce_plus_mean_auxiliary_terms_times_1e3():
+    ds = cycle_dataset()
+    batch = prefix_batch(ds)
+    # the default: mean reduction, every weight 1e-3 (the released lamdba)
+    model = fitted(ds, features=["text"], dropout=0.0, attn_dropout=0.0)
+    assert model.config.aux_reduction == "mean" and model.weights() == (1e-3, 1e-3, 1e-3)
+    assert len(model.co_items) <= model.config.co_items_per_batch  # all anchors, no sampling
+    ce, co, pro, cri = auxiliary_terms_by_hand(model, batch)
+    want = ce + 1e-3 * (co + pro + cri)
+    torch.testing.assert_close(model.loss(batch), want)
+    # the default's value, pinned (dropout on, seeded), so a later change of the default shows here
+    model = fitted(ds, features=["text"])
+    torch.manual_seed(1)
+    assert model.loss(batch).item() == pytest.approx(DEFAULT_LOSS, rel=1e-5)
+
+
+def test_aux_reduction_sum_scales_each_auxiliary_term():
+    ds = cycle_dataset()
+    batch = prefix_batch(ds)
+    n_rows = len(batch["target"])
+    params = {"features": ["text"], "dropout": 0.0, "attn_dropout": 0.0}
+    mean_model, sum_model = fitted(ds, **params), fitted(ds, aux_reduction="sum", **params)
+    n_co = len(mean_model.co_items)
+    assert n_co == ds.n_items < mean_model.config.co_items_per_batch  # every anchor in each batch
+    mean, summed = mean_model.loss_terms(batch), sum_model.loss_terms(batch)
+    _, co, pro, cri = auxiliary_terms_by_hand(mean_model, batch)
+    torch.testing.assert_close(summed["ce"], mean["ce"])
+    # sum = mean x count: L_pro and L_cri over the batch rows, L_co over the anchor items; the weight stays 1e-3
+    torch.testing.assert_close(summed["pro"], 1e-3 * pro * n_rows)
+    torch.testing.assert_close(summed["cri"], 1e-3 * cri * n_rows)
+    torch.testing.assert_close(summed["co"], 1e-3 * co * n_co)
+    for key, count in (("pro", n_rows), ("cri", n_rows), ("co", n_co)):
+        assert summed[key].item() == pytest.approx(mean[key].item() * count, rel=1e-5)
+    # with sampled anchors, L_co is the sampled mean scaled to the number of anchor items
+    small = {"co_items_per_batch": 3} | params
+    terms = []
+    for reduction in ("mean", "sum"):
+        model = fitted(ds, aux_reduction=reduction, **small)
+        torch.manual_seed(7)  # the same 3 anchors in both
+        terms.append(model.loss_terms(batch)["co"])
+    assert terms[1].item() == pytest.approx(terms[0].item() * n_co, rel=1e-5)
+
+
 
 
 @pytest.mark.parametrize("features", [[], ["text", "image"]])

@@ -22,6 +22,7 @@ from distillrec.methods.tpad.model import (  # noqa: E402
 )
 from distillrec.methods.tpad import pipeline as tpad  # noqa: E402
 from distillrec.methods.tpad.config import TPADConfig  # noqa: E402
+from distillrec.methods.tpad.pipeline import run_tpad  # noqa: E402
 
 DEMO = {"name": "demo", "options": {"n_items": 90, "n_users": 160, "write_images": False}}
 
@@ -253,3 +254,57 @@ def test_embeddings_attach_to_a_dataset_by_id(full_run):
         attach_item_embeddings(ds2, "tpad", out / "embeddings")
     with pytest.raises(DataError, match="distillrec embed"):
         attach_item_embeddings(ds2, "tpad", out / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------ a planted transition
+def _planted_catalogue(root, n=40, users=300, length=6, seed=0):
+    """An S3-Rec-format catalogue whose sessions walk one hidden cycle through all items: the next item is fixed by
+    the cycle and unrelated to the item's text (random words) or its 'image' (a random one-hot attribute)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    perm = rng.permutation(np.arange(1, n + 1))
+    nxt = {int(a): int(b) for a, b in zip(perm, np.roll(perm, -1))}
+    lines = []
+    for u in range(1, users + 1):
+        i = int(rng.integers(1, n + 1))
+        seq = [i]
+        for _ in range(length - 1):
+            i = nxt[i]
+            seq.append(i)
+        lines.append(" ".join(map(str, [u, *seq])))
+    (root / "Toy.txt").write_text("\n".join(lines) + "\n")
+    words = "amber basil cedar delta ember fjord gamma heron indigo jasper koala lemon maple nectar onyx".split()
+    meta = ["item_id\tidgen_textual_id"] + [f"{k}\t{rng.choice(words)} {rng.choice(words)} {k}" for k in range(1, n + 1)]
+    (root / "toy_item_meta.tsv").write_text("\n".join(meta) + "\n")
+    (root / "Toy_item2attributes.json").write_text(json.dumps({str(k): [int(rng.integers(1, 9))]
+                                                               for k in range(1, n + 1)}))
+
+
+def test_a_planted_transition_reaches_the_transfer_states_and_the_probe_reports_where_it_is(tmp_path):
+    _planted_catalogue(tmp_path / "data")
+    cfg = TPADConfig(**{
+        "dataset": {"name": "toy", "format": "s3rec", "path": str(tmp_path / "data")},
+        "lm": {"name": "tiny", "seed": 0}, "multimodal": {"connector": "mlp", "lora_r": 8, "lora_dropout": 0.0},
+        "image_features": "attributes_onehot", "text_fields": ["textual_id"], "text_view": None,
+        "keywords": {"fields": ["textual_id"], "category_field": None, "title_terms": 0},
+        "knowledge": {"epochs": 1, "batch_size": 16, "gr_items": 0},
+        "transfer": {"epochs": 5, "steps_per_epoch": 20, "batch_size": 16, "lr": 0.01, "heldout_pairs": 64,
+                     "context_items": 0},
+        "align": {"epochs": 2, "batch_size": 16, "export": "h_dl"},
+        "embed_batch_size": 32, "progress": False, "out": str(tmp_path / "run")})
+    r = run_tpad(cfg, log=lambda s: None)
+    p = r["probe"]
+    chance = p["transfer states"]["valid"]["chance_hr@10"]
+    # the raw features and the Knowledge tower (never trained on transitions) know nothing of the cycle; the
+    # trained Transfer tower's states retrieve the next item
+    for blind in ("raw attributes_onehot", "knowledge after stage 1"):
+        assert p[blind]["valid"]["hr@10"] < chance + 0.05, blind
+        assert p["transfer states"]["valid"]["mrr"] > 1.5 * p[blind]["valid"]["mrr"], blind
+    assert p["transfer states"]["valid"]["hr@10"] > chance + 0.2
+    # every representation is probed, the distilled projection included, and the report shows the table
+    assert {"knowledge after stage 1", "exported (final)", "exported D_L(h)"} <= set(p)
+    assert "## Transition probe" in (tmp_path / "run" / "report.md").read_text()
+    ds = load_dataset({**cfg.dataset.model_dump(), "embeddings": {"tpad": str(tmp_path / "run" / "embeddings")}})
+    assert ds.items.features["tpad_distilled"].shape == (41, cfg.align.d_proj)
+    items = json.loads((tmp_path / "run" / "knowledge" / "items.json").read_text())
+    assert len(items) == 40 and len(set(items)) == 40

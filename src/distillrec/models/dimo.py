@@ -31,7 +31,8 @@ Forward pass (training and scoring):
 3. ``score = s_id E_id^T + s_mo E_mo^T`` over items 1..n; column 0 is -inf.
 
 Loss: ``CE(score, target) + w_co L_co + w_pro L_pro + w_cri L_cri`` with (``log`` in base ``log_base``, cos = cosine
-similarity, each term computed as a log-softmax, which is the same number, stably):
+similarity, each term computed as a log-softmax, which is the same number, stably; ``aux_reduction: sum`` turns each
+"mean" below into a sum, the released code's magnitude):
 
 - ``L_co``  = mean over items i of ``log(e^cos(e_i, q_i) + sum_n e^cos(e_i, e_n)) - log e^cos(e_i, q_i)`` with
   ``q_i = sum_k w_ik e_k`` over the propagated ID table (computed on ``co_items_per_batch`` random items per batch);
@@ -70,12 +71,13 @@ class DIMOConfig(ModelConfig):
     co_layers: int = Field(4, ge=0)  # propagation steps E <- E + A E
     dropout: float = Field(0.3, ge=0.0, lt=1.0)  # dropout on both item tables before propagation (training only)
     attn_dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    aux_weight: float = Field(1e-3, ge=0.0)  # weight of each auxiliary loss unless set separately below
+    aux_weight: float = Field(1e-3, ge=0.0)  # each auxiliary loss's weight unless set below (released: 1e-3 for all)
     co_weight: float | None = Field(None, ge=0.0)
     proxy_weight: float | None = Field(None, ge=0.0)
     counterfactual_weight: float | None = Field(None, ge=0.0)
-    # "mean": each auxiliary loss is a mean (over items for L_co, over the batch for L_pro and L_cri);
-    # "sum": the released code's scale: sums over the batch, and L_co scaled to a sum over all eligible items
+    # "mean" (the default, kept on validation: docs/dimo.md): each auxiliary loss is a mean (over anchor items for
+    # L_co, over the batch rows for L_pro and L_cri); "sum": the released magnitude (with the released weights, which
+    # are the defaults): L_pro and L_cri summed over the batch rows, L_co = its sampled mean x the anchor item count
     aux_reduction: Literal["mean", "sum"] = "mean"
     top_k_cooccur: int = Field(10, ge=1)  # positives (and as many negatives) per item
     cooccur_window: int | None = Field(3, ge=1)  # pairs at most this many positions apart; None = whole sequence

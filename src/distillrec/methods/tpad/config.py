@@ -47,6 +47,11 @@ class AlignConfig(TPADStageSettings):
     club: Literal["full", "sampled"] = "sampled"
     mine_ma_rate: float | None = 0.01
     modality_dropout: float = Field(0.3, ge=0, lt=1)
+    # the lower bound maximised between D_L(h) and D_T(t): the seed's MINE, or InfoNCE on cosines (geometric)
+    lower_bound: Literal["mine", "cosine_infonce"] = "mine"
+    freeze_dt: bool = False  # D_T (the Transfer side's projector) stays at its seeded initialisation
+    # "h": export [h_img; h_txt]; "h_dl": also D_L(h), the projection MINE aligns with D_T(t) (feature tpad_distilled)
+    export: Literal["h", "h_dl"] = "h"
 
 
 class TPADConfig(JobSettings):

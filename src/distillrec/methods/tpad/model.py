@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mutual_information import CLUB, MINE, CLUBSample
+from .mutual_information import CLUB, MINE, CLUBSample, info_nce
 
 
 def _head(d_in: int, d_out: int) -> nn.Sequential:
@@ -138,8 +138,13 @@ class TransitionalPatternAlignment(nn.Module):
     correction for the estimator's own updates (None: the plain Donsker-Varadhan gradient)."""
 
     def __init__(self, d_knowledge: int, d_transfer: int, d_proj: int = 64, estimator_hidden: int = 64,
-                 club: Literal["full", "sampled"] = "sampled", mine_ma_rate: float | None = 0.01):
+                 club: Literal["full", "sampled"] = "sampled", mine_ma_rate: float | None = 0.01,
+                 lower_bound: Literal["mine", "cosine_infonce"] = "mine", temperature: float = 0.1):
         super().__init__()
+        # "mine": the seed's MINE bound, which any invertible code of the item maximises, so it need not carry the
+        # Transfer states' geometry (which items lie near which); "cosine_infonce": InfoNCE on cosine similarities of
+        # D_L(h) and D_T(t), which aligns directions, so D_T(t)'s neighbourhoods carry over to D_L(h)
+        self.lower_bound, self.temperature = lower_bound, temperature
         self.D_H = _projector(d_knowledge, d_proj)
         self.D_L = _projector(d_knowledge, d_proj)
         self.D_T = _projector(d_transfer, d_proj)
@@ -158,12 +163,17 @@ class TransitionalPatternAlignment(nn.Module):
     def estimator_loss(self, hh: torch.Tensor, hl: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         """What CLUB's q network and MINE's statistics network minimise, on detached projector outputs."""
         hh, hl, tt = hh.detach(), hl.detach(), tt.detach()
-        return self.club.learning_loss(hh, tt) + self.mine.learning_loss(hl, tt)
+        loss = self.club.learning_loss(hh, tt)
+        return loss + self.mine.learning_loss(hl, tt) if self.lower_bound == "mine" else loss
 
     def forward(self, hh: torch.Tensor, hl: torch.Tensor, tt: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"club": upper bound I(D_H(h); D_T(t)), "mine": lower bound I(D_L(h); D_T(t))}`` with gradients to the
         projector outputs (and through them to the Knowledge tower)."""
-        return {"club": self.club(hh, tt), "mine": self.mine(hl, tt)}
+        if self.lower_bound == "mine":
+            lower = self.mine(hl, tt)
+        else:
+            lower = info_nce(F.normalize(hl, dim=-1), F.normalize(tt, dim=-1), temperature=self.temperature)
+        return {"club": self.club(hh, tt), "mine": lower}
 
 
 class KnowledgeHeads(nn.Module):

@@ -291,7 +291,8 @@ def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, lo
 
     heads = seeded(cfg.seed * 1000 + 3, lambda: nn.ModuleDict({
         "views": _knowledge_heads(cfg, data, d),
-        "tpa": TransitionalPatternAlignment(2 * d, 2 * d, a.d_proj, a.estimator_hidden, a.club, a.mine_ma_rate)}))
+        "tpa": TransitionalPatternAlignment(2 * d, 2 * d, a.d_proj, a.estimator_hidden, a.club, a.mine_ma_rate,
+                                            a.lower_bound, cfg.temperature)}))
     # the stage-1 contrastive heads continue from stage 1
     k_heads = out / "knowledge" / "final" / "heads.safetensors"
     if k_heads.is_file():
@@ -302,6 +303,8 @@ def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, lo
     tpa: TransitionalPatternAlignment = heads["tpa"]
     view_heads: KnowledgeHeads = heads["views"]
     est_params = tpa.estimator_parameters()
+    if a.freeze_dt:  # the Transfer side stays as seeded: only the Knowledge side can move towards it
+        tpa.D_T.requires_grad_(False)
     est_ids = {id(p) for p in est_params}
     main_params = [p for p in _trainable(mm, heads) if id(p) not in est_ids]
     opt = torch.optim.AdamW(main_params, lr=a.lr, weight_decay=a.weight_decay)
@@ -386,6 +389,8 @@ def run_tpad(cfg: TPADConfig, stages: Sequence[str] = STAGES, *, restart: bool =
     if "embed" in stages:
         t0 = time.perf_counter()
         report["embeddings"] = embed_with_knowledge_tower(cfg, out)
+        if cfg.align.export == "h_dl" and cfg.towers == "two":
+            report["embeddings"]["dims"]["distilled"] = export_distilled(cfg, out)
         report["seconds"]["embed"] = round(time.perf_counter() - t0, 2)
         if cfg.probe:
             t0 = time.perf_counter()
@@ -396,6 +401,38 @@ def run_tpad(cfg: TPADConfig, stages: Sequence[str] = STAGES, *, restart: bool =
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str))
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+@torch.no_grad()
+def export_distilled(cfg: TPADConfig, out: Path) -> int:
+    """Add ``distilled`` = D_L([h_img; h_txt]) (stage 2b's projector, eval mode) to the exported embeddings file
+    (feature ``tpad_distilled`` when attached); returns its width."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ...data.embeddings import EMBEDDINGS_FILE
+
+    heads_file = out / "align" / "final" / "heads.safetensors"
+    if not heads_file.is_file():
+        raise ConfigError(f"align.export: h_dl needs stage 2b's result ({heads_file}); run the align stage")
+    path = out / "embeddings" / EMBEDDINGS_FILE
+    emb = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    a = cfg.align
+    d2 = emb["image"].shape[1] + emb["text"].shape[1]
+    tpa = TransitionalPatternAlignment(d2, d2, a.d_proj, a.estimator_hidden, a.club, a.mine_ma_rate, a.lower_bound,
+                                       cfg.temperature)
+    sd = {k.removeprefix("model.tpa."): v for k, v in load_file(str(heads_file)).items()
+          if k.startswith("model.tpa.")}
+    tpa.load_state_dict(sd)
+    tpa.eval()
+    h = torch.cat([emb["image"], emb["text"]], 1)
+    distilled = tpa.D_L(h)
+    distilled[0] = 0.0  # padding row
+    emb["distilled"] = distilled.contiguous()
+    atomic_save_tensors(path, emb, meta)
+    return int(distilled.shape[1])
 
 
 def transition_probes(cfg: TPADConfig, ds: Dataset, out: Path) -> dict[str, Any]:
@@ -421,6 +458,8 @@ def transition_probes(cfg: TPADConfig, ds: Dataset, out: Path) -> dict[str, Any]
             emb[name] = load_file(str(path))["states"]
     final = load_file(str(out / "embeddings" / EMBEDDINGS_FILE))
     emb["exported (final)"] = np.concatenate([final["image"], final["text"]], 1)
+    if "distilled" in final:
+        emb["exported D_L(h)"] = final["distilled"]
     return probe_table(emb, ds)
 
 
