@@ -52,13 +52,18 @@ ABLATIONS = {
     "no_text": ["use_text=false"],
     "single": ["towers=single"],
     "no_lt": ["text_view=null"],  # stage 1 without L^t (the text-view contrastive term)
+    # issue 10: alignment that reaches the export
+    "gamma1": ["align.gamma1=1", "align.gamma2=1"],
+    "cosine": ["align.lower_bound=cosine_infonce", "align.freeze_dt=true"],
 }
-REUSE = ["knowledge/final", "transfer/final", "align/transfer_states.safetensors"]
+# every two-tower variant also exports D_L(h) (feature tpad_distilled): it adds a tensor, the h features are the same
+EXPORT_DL = ["align.export=h_dl"]
+REUSE = ["knowledge/final", "knowledge/items.json", "transfer/final", "states"]
 COLD_MAX = 4
 
 
 def tpad_job(short: str, variant: str, out: Path) -> dict:
-    sets = ABLATIONS.get(variant, [])
+    sets = ABLATIONS.get(variant, []) + ([] if variant == "single" else EXPORT_DL)
     cmd = ["distillrec", "tpad", str(ROOT / "configs" / "tpad" / f"{short}.yaml"), "--out", str(out / "tpad" / variant),
            "--set", "num_threads=1", "--set", "progress=false"]
     for s in sets:
@@ -112,6 +117,54 @@ def run_jobs(jobs: list[dict], workers: int, out: Path) -> None:
         if pending and not running and not ready:
             raise SystemExit(f"jobs waiting on failed dependencies: {[j['name'] for j in pending]}")
         time.sleep(2)
+
+
+def probe_table(out: Path, variants: list[str], dataset: str) -> str:
+    """The transition probe of the raw features, the Transfer states, the stage-1 Knowledge embedding and each
+    variant's exports (from their reports), with paired tests of each export against the best raw feature on the
+    test transitions (reciprocal rank per transition)."""
+    from safetensors.numpy import load_file
+
+    from distillrec.evaluation.probe import held_out_transitions, transition_probe
+
+    reports = {v: json.loads((out / "tpad" / v / "report.json").read_text()) for v in variants
+               if (out / "tpad" / v / "report.json").is_file()}
+    if not reports or "probe" not in next(iter(reports.values())):
+        return ""
+    ds = load_dataset({"name": dataset})
+    src, dst = held_out_transitions(ds.test)
+    first = reports.get("full") or next(iter(reports.values()))
+    rows, rr = [], {}
+    for name, v in first["probe"].items():
+        if name.startswith("exported"):
+            continue
+        rows.append([name, "–", *(fmt_number(v[sp][m], 4) for sp in ("valid", "test") for m in ("hr@10", "mrr"))])
+    raw = {n: ds.items.features[n.removeprefix("raw ")] for n in first["probe"] if n.startswith("raw ")
+           and n != "raw both" and n.removeprefix("raw ") in ds.items.features}
+    for n, m in raw.items():
+        rr[n] = transition_probe(m, src, dst)["per_row_rr"]
+    best_raw = max(rr, key=lambda n: first["probe"][n]["valid"]["mrr"]) if rr else None
+    for variant, r in reports.items():
+        emb = load_file(str(out / "tpad" / variant / "embeddings" / "item_embeddings.safetensors"))
+        mats = {"exported (final)": np.concatenate([emb["image"], emb["text"]], 1)}
+        if "distilled" in emb:
+            mats["exported D_L(h)"] = emb["distilled"]
+        for name, m in mats.items():
+            v = r["probe"][name]
+            row = [f"{variant}: {name}", "", *(fmt_number(v[sp][k], 4) for sp in ("valid", "test")
+                                               for k in ("hr@10", "mrr"))]
+            if best_raw is not None:
+                t = paired_test(transition_probe(m, src, dst)["per_row_rr"], rr[best_raw], "mrr")
+                row[1] = f"{t.mean_diff:+.4f} (t p {t.t_pvalue:.2g}, W p {t.wilcoxon_pvalue:.2g})"
+            rows.append(row)
+    chance = first["probe"][next(iter(first["probe"]))]["test"]["chance_hr@10"]
+    return "\n".join([
+        "## Transition probe", "",
+        "Next-item retrieval from each item representation alone (the last item of a held-out history ranks the whole "
+        f"catalogue by cosine, columns standardised); chance HR@10 = {fmt_number(chance, 4)}. Δ: test MRR against "
+        f"the best raw feature on validation ({best_raw}), paired over test transitions.", "",
+        markdown_table(["representation", "Δ test MRR vs best raw", "valid HR@10", "valid MRR", "test HR@10",
+                        "test MRR"], rows), ""])
 
 
 def per_user(run_dir: Path, metric: str) -> np.ndarray:
@@ -177,6 +230,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="variants to run (default: full + all ablations)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--baselines", nargs="*", default=None, help=f"baseline models (default: {' '.join(BASELINES)})")
     args = ap.parse_args(argv)
     short = args.dataset.removeprefix("amazon2018-")
     out = args.out or ROOT / "runs" / "results" / short
@@ -187,7 +241,7 @@ def main(argv: list[str] | None = None) -> str:
     jobs = [tpad_job(short, v, out) for v in variants]
     names = []
     cfg_dir = ROOT / "configs" / args.dataset
-    for b in BASELINES:
+    for b in (BASELINES if args.baselines is None else args.baselines):
         if (cfg_dir / f"{b}.yaml").is_file():
             jobs.append(train_job(b, cfg_dir / f"{b}.yaml", out, args.seeds, [], []))
             names.append(b)
@@ -199,9 +253,15 @@ def main(argv: list[str] | None = None) -> str:
                 name = f"{model}_tpad" + ("" if v == "full" else f"_{v}")
                 jobs.append(train_job(name, cfg_dir / f"{model}.yaml", out, args.seeds, sets, [f"tpad_{v}"]))
                 names.append(name)
+        if v != "single" and (cfg_dir / "dimo.yaml").is_file():  # DIMO on h and the distilled D_L(h)
+            name = f"dimo_tpad_dl" + ("" if v == "full" else f"_{v}")
+            dl = [sets[0], "model.params.features=[tpad_image,tpad_text,tpad_distilled]"]
+            jobs.append(train_job(name, cfg_dir / "dimo.yaml", out, args.seeds, dl, [f"tpad_{v}"]))
+            names.append(name)
     run_jobs(jobs, args.workers, out)
     text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py "
-            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n" + table(out, names, args.dataset))
+            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n" + table(out, names, args.dataset)
+            + "\n" + probe_table(out, variants, args.dataset))
     tpad_times = {v: json.loads((out / "tpad" / v / "report.json").read_text())["seconds"] for v in variants
                   if (out / "tpad" / v / "report.json").is_file()}
     text += "\nTPAD time per variant (s, one torch thread): " + json.dumps(tpad_times) + "\n"
