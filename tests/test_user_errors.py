@@ -124,3 +124,15 @@ def test_out_that_is_a_file_and_bad_recommend_and_compare_options(tmp_path):
     runner.invoke(app, ["train", _yaml(tmp_path / "p.yaml", {"model": {"name": "pop"}, "dataset": TINY_DEMO}),
                         "--out", tmp_path / "pop"])
     _fails(["compare", tmp_path / "pop", "--metric", "foo@7"], "foo@7", "ndcg@K")
+
+
+def test_export_recbole_never_writes_outside_out(tmp_path):
+    from distillrec.data.export import export_recbole
+    from distillrec.data.loaders import load_dataset
+    from distillrec.errors import DataError
+
+    ds = load_dataset(TINY_DEMO)
+    with pytest.raises(DataError, match="plain name"):
+        export_recbole(ds, tmp_path / "out", name="../escaped")
+    assert not (tmp_path / "escaped.inter").exists() and not (tmp_path / "out").exists()
+    assert export_recbole(ds, tmp_path / "out", name="shop")["inter"] == str(tmp_path / "out" / "shop.inter")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import Dataset, Examples
+from .dataset import DataError, Dataset, Examples
 
 
 def _clean(s: str) -> str:
@@ -56,8 +56,11 @@ def _maximal_sessions(ex: Examples, label: str) -> list[tuple[str, np.ndarray]]:
 
 def export_recbole(ds: Dataset, out_dir: str | Path, name: str | None = None) -> dict[str, Any]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = name or ds.name
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise DataError(f"export-recbole: the dataset name '{name}' is used as the file name inside --out and must "
+                        "not hold a path ('/', '..'); give a plain name")
+    out.mkdir(parents=True, exist_ok=True)
     rows = _leave_one_out_rows(ds)
     mode = "leave_one_out"
     if rows is None:
