@@ -62,15 +62,24 @@ REUSE = ["knowledge/final", "knowledge/items.json", "transfer/final", "states"]
 COLD_MAX = 4
 
 
+def split_variant(name: str) -> tuple[str, int | None]:
+    """``"na-s2"`` -> ``("na", 2)``; ``"na"`` -> ``("na", None)`` (the recipe's own seed)."""
+    base, sep, seed = name.rpartition("-s")
+    return (base, int(seed)) if sep and seed.isdigit() else (name, None)
+
+
 def tpad_job(short: str, variant: str, out: Path) -> dict:
-    sets = ABLATIONS.get(variant, []) + ([] if variant == "single" else EXPORT_DL)
+    base, seed = split_variant(variant)
+    suffix = "" if seed is None else f"-s{seed}"
+    sets = ABLATIONS.get(base, []) + ([] if base == "single" else EXPORT_DL)
+    sets += [] if seed is None else [f"seed={seed}"]
     cmd = ["distillrec", "tpad", str(ROOT / "configs" / "tpad" / f"{short}.yaml"), "--out", str(out / "tpad" / variant),
            "--set", "num_threads=1", "--set", "progress=false"]
     for s in sets:
         cmd += ["--set", s]
     return {"name": f"tpad_{variant}", "cmd": cmd, "done": out / "tpad" / variant / "embeddings" /
-            "item_embeddings.safetensors", "deps": [] if variant in ("full", "no_image", "no_text") else
-            ["tpad_full"], "variant": variant}
+            "item_embeddings.safetensors", "deps": [] if base in ("full", "no_image", "no_text") else
+            [f"tpad_full{suffix}"], "variant": variant, "reuse_from": f"full{suffix}"}
 
 
 def train_job(name: str, config: Path, out: Path, seeds: list[int], sets: list[str], deps: list[str]) -> dict:
@@ -81,8 +90,8 @@ def train_job(name: str, config: Path, out: Path, seeds: list[int], sets: list[s
     return {"name": name, "cmd": cmd, "done": out / "runs" / name / "metrics.json", "deps": deps}
 
 
-def copy_reusable(out: Path, variant: str) -> None:
-    src, dst = out / "tpad" / "full", out / "tpad" / variant
+def copy_reusable(out: Path, variant: str, source: str = "full") -> None:
+    src, dst = out / "tpad" / source, out / "tpad" / variant
     for rel in REUSE:
         if (src / rel).exists() and not (dst / rel).exists():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +118,7 @@ def run_jobs(jobs: list[dict], workers: int, out: Path) -> None:
             j = ready.pop(0)
             pending.remove(j)
             if j.get("variant") and j["deps"]:
-                copy_reusable(out, j["variant"])
+                copy_reusable(out, j["variant"], j["reuse_from"])
             log = open(out / "logs" / f"{j['name']}.log", "w")
             running[j["name"]] = (subprocess.Popen(j["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env), j,
                                   time.time())
@@ -222,6 +231,31 @@ def table(out: Path, names: list[str], dataset: str) -> str:
     ]) + "\n"
 
 
+def pooled_table(out: Path, groups: dict[str, list[str]]) -> str:
+    """Runs pooled over TPAD training seeds: mean ± CI over every (TPAD seed, downstream seed) pair, so the interval
+    includes TPAD's own training noise; paired test against the same model on the dataset's own features, per test
+    user, averaged over all the pooled runs."""
+    if not groups:
+        return ""
+    rows = []
+    for group, names in groups.items():
+        per_seed = [s["test"]["ndcg@10"] for n in names for s in RunFolder(out / "runs" / n).read_metrics()["seeds"]]
+        m = mean_ci(per_seed)
+        row = [group, f"{len(names)} × {len(per_seed) // len(names)}",
+               f"{fmt_number(m['mean'])} ± {fmt_number(m['ci95'])}"]
+        raw = group.split("_tpad")[0]
+        if (out / "runs" / raw / "metrics.json").is_file():
+            a = np.mean([per_user(out / "runs" / n, "ndcg@10") for n in names], 0)
+            t = paired_test(a, per_user(out / "runs" / raw, "ndcg@10"))
+            row += [raw, f"{t.mean_diff:+.4f}", f"{t.t_pvalue:.3g}", f"{t.wilcoxon_pvalue:.3g}"]
+        else:
+            row += [MISSING] * 4
+        rows.append(row)
+    return "\n" + "\n".join([
+        "Pooled over TPAD training seeds (TPAD seeds × downstream seeds):", "",
+        markdown_table(["run", "runs", "test NDCG@10", "vs", "Δ", "p (t)", "p (Wilcoxon)"], rows)]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="amazon2018-scientific-mm")
@@ -231,6 +265,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--only", nargs="*", default=None, help="variants to run (default: full + all ablations)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--baselines", nargs="*", default=None, help=f"baseline models (default: {' '.join(BASELINES)})")
+    ap.add_argument("--tpad-seeds", type=int, nargs="*", default=[],
+                    help="extra TPAD training seeds for every variant (the recipe's seed always runs); downstream "
+                         "runs on each, and pooled rows whose CIs include TPAD's own training noise")
     args = ap.parse_args(argv)
     short = args.dataset.removeprefix("amazon2018-")
     out = args.out or ROOT / "runs" / "results" / short
@@ -238,6 +275,7 @@ def main(argv: list[str] | None = None) -> str:
     variants = ["full"] + ([] if args.no_ablations else list(ABLATIONS))
     if args.only is not None:
         variants = ["full"] + [v for v in args.only if v != "full"]
+    variants = [v + suffix for v in variants for suffix in ["", *(f"-s{t}" for t in args.tpad_seeds)]]
     jobs = [tpad_job(short, v, out) for v in variants]
     names = []
     cfg_dir = ROOT / "configs" / args.dataset
@@ -245,26 +283,31 @@ def main(argv: list[str] | None = None) -> str:
         if (cfg_dir / f"{b}.yaml").is_file():
             jobs.append(train_job(b, cfg_dir / f"{b}.yaml", out, args.seeds, [], []))
             names.append(b)
+    groups: dict[str, list[str]] = {}  # run name without the TPAD seed -> its runs over TPAD seeds
     for v in variants:
+        base, seed = split_variant(v)
+        suffix = "" if seed is None else f"-s{seed}"
         emb = out / "tpad" / v / "embeddings"
         sets = [f"dataset.embeddings={json.dumps({'tpad': str(emb)})}", "model.params.features=[tpad_image,tpad_text]"]
-        for model in (["dimo", "fused_sasrec", "fused_gru4rec"] if v == "full" else ["dimo"]):
+        runs = [(m, f"{m}_tpad" + ("" if base == "full" else f"_{base}"), sets[1:])
+                for m in (["dimo", "fused_sasrec", "fused_gru4rec"] if base == "full" else ["dimo"])]
+        if base != "single":  # DIMO on h and the distilled D_L(h)
+            runs.append(("dimo", "dimo_tpad_dl" + ("" if base == "full" else f"_{base}"),
+                         ["model.params.features=[tpad_image,tpad_text,tpad_distilled]"]))
+        for model, name, feats in runs:
             if (cfg_dir / f"{model}.yaml").is_file():
-                name = f"{model}_tpad" + ("" if v == "full" else f"_{v}")
-                jobs.append(train_job(name, cfg_dir / f"{model}.yaml", out, args.seeds, sets, [f"tpad_{v}"]))
-                names.append(name)
-        if v != "single" and (cfg_dir / "dimo.yaml").is_file():  # DIMO on h and the distilled D_L(h)
-            name = f"dimo_tpad_dl" + ("" if v == "full" else f"_{v}")
-            dl = [sets[0], "model.params.features=[tpad_image,tpad_text,tpad_distilled]"]
-            jobs.append(train_job(name, cfg_dir / "dimo.yaml", out, args.seeds, dl, [f"tpad_{v}"]))
-            names.append(name)
+                jobs.append(train_job(name + suffix, cfg_dir / f"{model}.yaml", out, args.seeds, [sets[0], *feats],
+                                      [f"tpad_{v}"]))
+                names.append(name + suffix)
+                groups.setdefault(name, []).append(name + suffix)
     run_jobs(jobs, args.workers, out)
     text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n" + table(out, names, args.dataset)
+            + pooled_table(out, {g: r for g, r in groups.items() if len(r) > 1})
             + "\n" + probe_table(out, variants, args.dataset))
-    tpad_times = {v: json.loads((out / "tpad" / v / "report.json").read_text())["seconds"] for v in variants
+    tpad_times = {v: json.loads((out / "tpad" / v / "report.json").read_text())["seconds"]["total"] for v in variants
                   if (out / "tpad" / v / "report.json").is_file()}
-    text += "\nTPAD time per variant (s, one torch thread): " + json.dumps(tpad_times) + "\n"
+    text += "\nTPAD wall time per variant (s, one torch thread, two jobs at a time): " + json.dumps(tpad_times) + "\n"
     res = ROOT / "benchmarks" / "results"
     res.mkdir(exist_ok=True)
     (res / f"tpad_{short}.md").write_text(text)
