@@ -1,7 +1,13 @@
-"""TPAD -> DIMO against the baselines on a real dataset, with ablations (issue 4, item 7). Prints a table.
+"""TPAD -> DIMO against the baselines on a real dataset, with ablations (issues 4 and 10). Prints tables.
 
     python benchmarks/tpad_results.py --dataset amazon2018-scientific-mm --seeds 1 2 3 4 5 --workers 2
     python benchmarks/tpad_results.py --dataset amazon2018-scientific-text --seeds 1 2 3 4 5 --no-ablations
+    python benchmarks/tpad_results.py --only na gamma1 cosine --baselines dimo sasrec --tpad-seeds 1 2
+
+Issue 10 additions: the variants ``gamma1`` (gamma1 = gamma2 = 1) and ``cosine`` (InfoNCE on cosines instead of MINE,
+D_T frozen); every two-tower variant also exports D_L(h) (``tpad_distilled``) and gets a ``dimo_tpad_dl*`` run on
+[h; D_L(h)]; ``--tpad-seeds`` trains each variant with more TPAD seeds (pooled rows, CIs with TPAD's training noise);
+the transition-probe table (every representation, paired against the best raw feature) follows the results.
 
 What runs (each job a ``distillrec`` subprocess with one torch thread, ``--workers`` at a time; finished jobs are
 reused, so a rerun after a kill continues):
