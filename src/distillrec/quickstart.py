@@ -45,6 +45,7 @@ QUICKSTART_TPAD: dict[str, Any] = {
     "align": {"epochs": 1, "batch_size": 16, "lr": 0.001, "max_items": 1000, "gamma1": 0.1, "gamma2": 0.1,
               "q_steps": 3},
     "embed_batch_size": 32,
+    "autocast": "bf16",
     "seed": 0,
 }
 
