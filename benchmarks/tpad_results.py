@@ -150,15 +150,23 @@ def probe_table(out: Path, variants: list[str], dataset: str) -> str:
     src, dst = held_out_transitions(ds.test)
     first = reports.get("full") or next(iter(reports.values()))
     rows, rr = [], {}
-    for name, v in first["probe"].items():
-        if name.startswith("exported"):
-            continue
-        rows.append([name, "–", *(fmt_number(v[sp][m], 4) for sp in ("valid", "test") for m in ("hr@10", "mrr"))])
     raw = {n: ds.items.features[n.removeprefix("raw ")] for n in first["probe"] if n.startswith("raw ")
            and n != "raw both" and n.removeprefix("raw ") in ds.items.features}
     for n, m in raw.items():
         rr[n] = transition_probe(m, src, dst)["per_row_rr"]
     best_raw = max(rr, key=lambda n: first["probe"][n]["valid"]["mrr"]) if rr else None
+    first_dir = out / "tpad" / ("full" if "full" in reports else next(iter(reports)))
+    states = {"transfer states": "transfer", "knowledge after stage 1": "knowledge_stage1"}
+    for name, v in first["probe"].items():
+        if name.startswith("exported"):
+            continue
+        row = [name, "–", *(fmt_number(v[sp][m], 4) for sp in ("valid", "test") for m in ("hr@10", "mrr"))]
+        path = first_dir / "states" / f"{states.get(name, '-')}.safetensors"
+        if best_raw is not None and path.is_file():
+            t = paired_test(transition_probe(load_file(str(path))["states"], src, dst)["per_row_rr"], rr[best_raw],
+                            "mrr")
+            row[1] = f"{t.mean_diff:+.4f} (t p {t.t_pvalue:.2g}, W p {t.wilcoxon_pvalue:.2g})"
+        rows.append(row)
     for variant, r in reports.items():
         emb = load_file(str(out / "tpad" / variant / "embeddings" / "item_embeddings.safetensors"))
         mats = {"exported (final)": np.concatenate([emb["image"], emb["text"]], 1)}
@@ -271,6 +279,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--only", nargs="*", default=None, help="variants to run (default: full + all ablations)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--baselines", nargs="*", default=None, help=f"baseline models (default: {' '.join(BASELINES)})")
+    ap.add_argument("--results-name", default=None, help="benchmarks/results/<name>.md (default tpad_<dataset>)")
     ap.add_argument("--tpad-seeds", type=int, nargs="*", default=[],
                     help="extra TPAD training seeds for every variant (the recipe's seed always runs); downstream "
                          "runs on each, and pooled rows whose CIs include TPAD's own training noise")
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> str:
     text += "\nTPAD wall time per variant (s, one torch thread, two jobs at a time): " + json.dumps(tpad_times) + "\n"
     res = ROOT / "benchmarks" / "results"
     res.mkdir(exist_ok=True)
-    (res / f"tpad_{short}.md").write_text(text)
+    (res / f"{args.results_name or 'tpad_' + short}.md").write_text(text)
     print(text)
     return text
 
