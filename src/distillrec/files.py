@@ -95,7 +95,7 @@ def _flatten_optimizer(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     for idx, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value.detach().clone().contiguous()
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().clone().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -103,7 +103,7 @@ def _flatten_optimizer(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def save_checkpoint(path: str | Path, model: Any, state: dict[str, Any], optimizer: Any | None = None) -> Path:
     """Model (and optimizer) tensors + JSON ``state`` in one safetensors file, written atomically."""
-    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"state": state}
     if optimizer is not None:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import RuntimeSettings, format_validation_error, read_config
 from .data.dataset import Dataset
@@ -37,7 +37,8 @@ class ModelSpec(BaseModel):
 
 
 class TrainConfig(RuntimeSettings):
-    """Training settings; ``num_threads``, ``device`` and ``progress`` are the runtime settings every job shares."""
+    """Training settings; ``num_threads``, ``device`` and ``progress`` are the runtime settings every job shares.
+    The recommender trainer runs on the CPU (under torchrun: one process per core); ``device`` may only say so."""
 
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -50,6 +51,14 @@ class TrainConfig(RuntimeSettings):
     # cost about 0.004 test NDCG@10 (README), so they are opt-in
     bucket_by_length: bool = False
     seeds: list[int] = Field(default_factory=lambda: [2024], min_length=1)
+
+    @field_validator("device")
+    @classmethod
+    def _cpu_only(cls, v: str | None) -> str | None:
+        if v not in (None, "cpu", "auto"):
+            raise ValueError(f"the recommender trainer runs on the CPU; '{v}' is not supported yet (use cpu or leave "
+                             "it out; the LM jobs -- tpad, align, embed -- take a GPU)")
+        return v
 
 
 class RunConfig(BaseModel):

@@ -209,7 +209,8 @@ class MultimodalLM(nn.Module):
         with torch.no_grad():
             w = emb_layer.weight
             n_old = w.shape[0]
-            mean, std = w.float().mean(0), w.float().std().item()
+            # statistics on the CPU: the initial values are drawn there (seeded), whatever device the LM is on
+            mean, std = w.float().mean(0).cpu(), w.float().std().item()
             if max(self.special_ids) >= n_old:
                 model.resize_token_embeddings(max(len(tokenizer), max(self.special_ids) + 1), mean_resizing=False)
                 model.requires_grad_(False)
@@ -218,7 +219,7 @@ class MultimodalLM(nn.Module):
             init = mean.unsqueeze(0) + 0.1 * std * torch.randn(len(specials), d, generator=gen)
             for k, tid in enumerate(self.special_ids):
                 if tid >= n_old:
-                    w[tid] = init[k].to(w.dtype)
+                    w[tid] = init[k].to(w.device, w.dtype)
         self.special_embed = nn.Embedding(len(specials), d)
         with torch.no_grad():
             self.special_embed.weight.copy_(init)

@@ -62,8 +62,9 @@ class ViewContrast(nn.Module):
     def forward(self, state: torch.Tensor, view: torch.Tensor, valid: torch.Tensor | None = None,
                 items: torch.Tensor | None = None) -> torch.Tensor:
         if valid is not None:
-            state, view = state[valid], view[valid]
-            items = None if items is None else items[valid]
+            valid = valid.to(state.device)
+            state, view = state[valid], view.to(state.device)[valid]
+            items = None if items is None else items.to(state.device)[valid]
         if len(state) < 2:
             return state.sum() * 0.0
         same = None if items is None else items.unsqueeze(0) == items.unsqueeze(1)
@@ -101,6 +102,7 @@ class TransitionContrast(nn.Module):
         self.temperature = temperature
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, positive_items: torch.Tensor) -> torch.Tensor:
+        positive_items = positive_items.to(anchor.device)
         same = positive_items.unsqueeze(0) == positive_items.unsqueeze(1)
         return contrastive_loss(self.head(anchor), self.head(positive), self.temperature, same)
 
@@ -118,7 +120,9 @@ class TransitionContrast(nn.Module):
 
         a, p = F.normalize(head(anchor), dim=-1), F.normalize(head(positive), dim=-1)
         sims = a @ p.t()
-        same = (positive_items.unsqueeze(0) == positive_items.unsqueeze(1)) & ~torch.eye(len(a), dtype=torch.bool)
+        positive_items = positive_items.to(a.device)
+        same = (positive_items.unsqueeze(0) == positive_items.unsqueeze(1)) & ~torch.eye(len(a), dtype=torch.bool,
+                                                                                         device=a.device)
         sims = sims.masked_fill(same, float("-inf"))
         rank = (sims >= sims.diagonal().unsqueeze(1)).sum(1).float()
         return {"top1": float((rank == 1).float().mean()), "hr@10": float((rank <= 10).float().mean()),

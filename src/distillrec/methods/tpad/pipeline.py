@@ -149,7 +149,7 @@ def stage_knowledge(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path
     if (done := stage.load_finished(mm)) is not None:
         return done
     _set_trainable(mm, KNOWLEDGE, shared=True)
-    heads = seeded(cfg.seed * 1000 + 1, lambda: _knowledge_heads(cfg, data, mm.hidden_size))
+    heads = seeded(cfg.seed * 1000 + 1, lambda: _knowledge_heads(cfg, data, mm.hidden_size)).to(mm.device)
     opt = torch.optim.AdamW(_trainable(mm, heads), lr=k.lr, weight_decay=k.weight_decay)
     items = data.stage_items(k.max_items, 0x1)
     _save_stage_items(data, out, "knowledge", items)
@@ -174,7 +174,7 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
     _set_trainable(mm, tower, shared=single)
     d2 = 2 * mm.hidden_size
     heads = seeded(cfg.seed * 1000 + 2, lambda: nn.ModuleDict({
-        "transition": TransitionContrast(d2, cfg.d_contrast, cfg.temperature)}))
+        "transition": TransitionContrast(d2, cfg.d_contrast, cfg.temperature)})).to(mm.device)
     pairs, contexts = meta_pairs(data.sequences, t.max_order, max_len=t.max_len, context_items=t.context_items)
     if len(pairs) < t.batch_size:
         raise ConfigError(f"transfer: only {len(pairs)} meta pairs in the training sequences (< batch_size "
@@ -196,7 +196,7 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
             return {}
         a = pair_states(held, held_ctx if t.context_items else None)
         p = _states(cfg, data, mm, held[:, 1], tower, t.instruction)
-        r = heads["transition"].retrieval(a, p, torch.from_numpy(held[:, 1]))
+        r = heads["transition"].retrieval(a.to(mm.device), p.to(mm.device), torch.from_numpy(held[:, 1]))
         return {f"heldout_{k}": v for k, v in r.items()}
 
     def pair_states(p: np.ndarray, contexts: list[list[int]] | None) -> torch.Tensor:
@@ -292,7 +292,7 @@ def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, lo
     heads = seeded(cfg.seed * 1000 + 3, lambda: nn.ModuleDict({
         "views": _knowledge_heads(cfg, data, d),
         "tpa": TransitionalPatternAlignment(2 * d, 2 * d, a.d_proj, a.estimator_hidden, a.club, a.mine_ma_rate,
-                                            a.lower_bound, cfg.temperature)}))
+                                            a.lower_bound, cfg.temperature)})).to(mm.device)
     # the stage-1 contrastive heads continue from stage 1
     k_heads = out / "knowledge" / "final" / "heads.safetensors"
     if k_heads.is_file():
