@@ -136,3 +136,11 @@ def test_export_recbole_never_writes_outside_out(tmp_path):
         export_recbole(ds, tmp_path / "out", name="../escaped")
     assert not (tmp_path / "escaped.inter").exists() and not (tmp_path / "out").exists()
     assert export_recbole(ds, tmp_path / "out", name="shop")["inter"] == str(tmp_path / "out" / "shop.inter")
+
+
+def test_compare_on_validation_and_a_bad_split(tmp_path):
+    cfg = _yaml(tmp_path / "p.yaml", {"model": {"name": "pop"}, "dataset": TINY_DEMO})
+    assert runner.invoke(app, ["train", cfg, "--out", str(tmp_path / "pop")]).exit_code == 0
+    r = runner.invoke(app, ["compare", str(tmp_path / "pop"), "--split", "valid"])
+    assert r.exit_code == 0 and "valid ndcg@10" in r.output
+    _fails(["compare", tmp_path / "pop", "--split", "train"], "--split 'train'")

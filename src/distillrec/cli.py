@@ -101,11 +101,12 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A finished run folder."))
 def compare(
     run_dirs: list[Path] = typer.Argument(..., help="Run folders; the first is the baseline."),
     metric: str = typer.Option("ndcg@10", help="Metric for the paired test."),
+    split: str = typer.Option("test", help="test, or valid (for choices made on validation)."),
 ):
     """Table of runs with mean ± 95% CI and paired tests against the first run."""
     from .runs import compare_runs
 
-    console.print(compare_runs(run_dirs, metric))
+    console.print(compare_runs(run_dirs, metric, split))
 
 
 @command()

@@ -267,10 +267,11 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- comparing runs
-def compare_runs(run_dirs: list[Path], metric: str = "ndcg@10") -> str:
-    """A Markdown table of several runs (mean ± CI) and a paired test of each against the first run.
+def compare_runs(run_dirs: list[Path], metric: str = "ndcg@10", split: str = "test") -> str:
+    """A Markdown table of several runs (mean ± CI) and a paired test of each against the first run, on ``split``
+    (``test``, or ``valid`` for choices made on validation).
 
-    The paired test uses per-row metric values averaged over the seeds both runs share, on the same test rows."""
+    The paired test uses per-row metric values averaged over each run's seeds, on the same rows."""
     from .evaluation.metrics import metrics_from_ranks, paired_test
     from .evaluation.report import MISSING, fmt_number, markdown_table
 
@@ -279,19 +280,21 @@ def compare_runs(run_dirs: list[Path], metric: str = "ndcg@10") -> str:
     if name not in known or not k_text.isdigit() or int(k_text) < 1:
         raise ConfigError(f"--metric '{metric}': expected one of {', '.join(f'{m}@K' for m in known)} with K >= 1 "
                           "(e.g. ndcg@10)")
+    if split not in ("valid", "test"):
+        raise ConfigError(f"--split '{split}': use valid or test")
     k = int(k_text)
     folders = [RunFolder(Path(d)) for d in run_dirs]
     runs = [f.read_metrics() for f in folders]
     for f, r in zip(folders, runs):
-        if metric not in r["test"] or f"hr@{k}" not in r["test"]:
-            raise ConfigError(f"--metric '{metric}': '{f.root}' reports {sorted(r['test'])}; pick one of those cutoffs")
+        if metric not in r[split] or f"hr@{k}" not in r[split]:
+            raise ConfigError(f"--metric '{metric}': '{f.root}' reports {sorted(r[split])}; pick one of those cutoffs")
     rows = []
     base_dir, base = folders[0], runs[0]
     for f, r in zip(folders, runs):
         seeds = [s["seed"] for s in r["seeds"]]
-        ci = r.get("test_ci95", {})
-        row = [f.root.name, r["model"], len(seeds), fmt_number(r["test"][f"hr@{k}"], ci=ci.get(f"hr@{k}")),
-               fmt_number(r["test"][metric], ci=ci.get(metric))]
+        ci = r.get(f"{split}_ci95", {})
+        row = [f.root.name, r["model"], len(seeds), fmt_number(r[split][f"hr@{k}"], ci=ci.get(f"hr@{k}")),
+               fmt_number(r[split][metric], ci=ci.get(metric))]
         if f is base_dir:
             rows.append(row + [MISSING] * 3)
             continue
@@ -299,9 +302,10 @@ def compare_runs(run_dirs: list[Path], metric: str = "ndcg@10") -> str:
             rows.append(row + ["protocols differ", MISSING, MISSING])
             continue
         base_seeds = [s["seed"] for s in base["seeds"]]
-        a = np.mean([metrics_from_ranks(f.read_ranks("test", s), (k,))[metric] for s in seeds], axis=0)
-        b = np.mean([metrics_from_ranks(base_dir.read_ranks("test", s), (k,))[metric] for s in base_seeds], axis=0)
+        a = np.mean([metrics_from_ranks(f.read_ranks(split, s), (k,))[metric] for s in seeds], axis=0)
+        b = np.mean([metrics_from_ranks(base_dir.read_ranks(split, s), (k,))[metric] for s in base_seeds], axis=0)
         t = paired_test(a, b, metric)
         rows.append(row + [f"{t.mean_diff:+.4f}", f"{t.t_pvalue:.3g}", f"{t.wilcoxon_pvalue:.3g}"])
-    header = ["run", "model", "seeds", f"test hr@{k}", f"test {metric}", "Δ vs first", "paired t p", "Wilcoxon p"]
+    header = ["run", "model", "seeds", f"{split} hr@{k}", f"{split} {metric}", "Δ vs first", "paired t p",
+              "Wilcoxon p"]
     return markdown_table(header, rows) + "\n"

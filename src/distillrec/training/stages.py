@@ -90,9 +90,6 @@ class Stage:
                               "or --restart")
         return None
 
-    def _autocast(self):
-        return autocast_context(self.autocast, self.device)
-
     def _save(self, folder: Path, lm, heads, opts, state: dict[str, Any]) -> None:
         save_stage_checkpoint(folder, lm, heads, opts, {**state, "key": self.key})
 
@@ -147,7 +144,7 @@ class Stage:
             if lr_at is not None:
                 for g in opts[0].param_groups:
                     g["lr"] = lr_at(state["step"], total)
-            with self._autocast():
+            with autocast_context(self.autocast, self.device):
                 losses = step_fn(order[b * bs:(b + 1) * bs], rng)
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)

@@ -194,21 +194,10 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
         """The transition head's retrieval of each held-out target among all held-out targets."""
         if len(held) < 2:
             return {}
-        a = pair_states(held, held_ctx if t.context_items else None)
+        a = _states(cfg, data, mm, held[:, 0], tower, t.instruction, texts=data.pair_texts(held, held_ctx))
         p = _states(cfg, data, mm, held[:, 1], tower, t.instruction)
         r = heads["transition"].retrieval(a.to(mm.device), p.to(mm.device), torch.from_numpy(held[:, 1]))
         return {f"heldout_{k}": v for k, v in r.items()}
-
-    def pair_states(p: np.ndarray, contexts: list[list[int]] | None) -> torch.Tensor:
-        rows = []
-        for s in range(0, len(p), cfg.embed_batch_size):
-            chunk = p[s:s + cfg.embed_batch_size]
-            img, mask = data.images(chunk[:, 0])
-            with autocast_context(cfg.autocast, mm.device):
-                o = mm.embed(data.pair_texts(chunk, contexts[s:s + len(chunk)] if contexts else None), img,
-                             adapter=tower, image_mask=mask, instruction=t.instruction)
-            rows.append(torch.cat([o["image"], o["text"]], -1).float().cpu())
-        return torch.cat(rows)
 
     mm.train()
 
@@ -236,8 +225,10 @@ def stage_transfer(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path,
 
 @torch.no_grad()
 def _states(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, items: np.ndarray, tower: str,
-            instruction: str | None = None, desc: str | None = None) -> torch.Tensor:
-    """``[s_img; s_txt]`` of ``items`` from ``tower`` (float32, CPU), in eval mode, under the run's autocast."""
+            instruction: str | None = None, desc: str | None = None, texts: list[str] | None = None
+            ) -> torch.Tensor:
+    """``[s_img; s_txt]`` of ``items`` from ``tower`` (float32, CPU), in eval mode, under the run's autocast;
+    ``texts``: one prompt text per item instead of the item's own (e.g. with its session context)."""
     from tqdm.auto import tqdm
 
     was = mm.training
@@ -248,8 +239,8 @@ def _states(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, items: np.ndarray
         chunk = items[s:s + cfg.embed_batch_size]
         img, mask = data.images(chunk)
         with autocast_context(cfg.autocast, mm.device):
-            o = mm.embed([data.texts[i] for i in chunk], img, adapter=tower, image_mask=mask,
-                         instruction=instruction)
+            chunk_texts = texts[s:s + len(chunk)] if texts is not None else [data.texts[i] for i in chunk]
+            o = mm.embed(chunk_texts, img, adapter=tower, image_mask=mask, instruction=instruction)
         rows.append(torch.cat([o["image"], o["text"]], -1).float().cpu())
     mm.train(was)
     return torch.cat(rows)
