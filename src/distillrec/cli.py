@@ -90,11 +90,49 @@ def train(
 
 
 @command()
-def evaluate(run_dir: Path = typer.Argument(..., help="A finished run folder.")):
-    """Re-evaluate a run's best checkpoints on validation and test."""
-    from .runs import evaluate_run
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    candidates: Optional[Path] = typer.Option(
+        None, "--candidates", help="A candidate file (`distillrec candidates`): SAMPLED evaluation on its rows, "
+                                   "1 target + N negatives each, instead of full ranking."),
+):
+    """Re-evaluate a run's best checkpoints on validation and test (full ranking), or on a sampled candidate file."""
+    if candidates is None:
+        from .runs import evaluate_run
 
-    console.print_json(json.dumps(evaluate_run(run_dir), indent=1))
+        console.print_json(json.dumps(evaluate_run(run_dir), indent=1))
+        return
+    from .runs import evaluate_run_on_candidates
+
+    result = evaluate_run_on_candidates(run_dir, candidates)
+    console.print(result["protocol"]["label"] + f" -- protocol hash {result['protocol']['hash']}", highlight=False,
+                  markup=False, soft_wrap=True)
+    console.print_json(json.dumps(result, indent=1))
+
+
+@command(name="candidates")
+def sample_candidate_file(
+    dataset_config: str = typer.Argument(..., help="A run config or dataset config (YAML), a dataset folder, or a "
+                                                   "known dataset name (as `distillrec data inspect` reads it)."),
+    out: Path = typer.Option(..., "--out", help="The candidate file to write (safetensors + JSON metadata)."),
+    split: str = typer.Option("test", "--split", help="test or valid."),
+    negatives: int = typer.Option(20, "--negatives", help="Negatives per row (MLLM-MSR: 20)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the negatives (and of --max-users)."),
+    max_users: Optional[int] = typer.Option(None, "--max-users", help="Rows drawn at random by seed (default: all)."),
+):
+    """Sample the candidates of the SAMPLED protocol (1 target + N never-seen negatives per row) once, so that every
+    model is scored on the very same ones (`distillrec evaluate RUN --candidates FILE`)."""
+    from .data.validate import load_dataset_source
+    from .evaluation.candidates import sample_candidates
+    from .evaluation.evaluator import sampled_protocol
+
+    if out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder; give a file name, e.g. {out / 'candidates.safetensors'}")
+    dataset = load_dataset_source(dataset_config)
+    cands = sample_candidates(dataset, split, n_negatives=negatives, seed=seed, max_users=max_users)
+    cands.save(out)
+    console.print_json(json.dumps({"dataset": dataset.name, **sampled_protocol(cands)}, indent=1))
+    console.print(f"wrote {out}", highlight=False, markup=False)
 
 
 @command()

@@ -266,6 +266,49 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------- sampled candidates (MLLM-MSR)
+def score_run_on_candidates(run_dir: str | Path, cands: Any, seed: int | None = None,
+                            dataset: Dataset | None = None) -> np.ndarray:
+    """float32 [n, C] scores of a run's best-validation model (``seed``: default the config's first) on a
+    :class:`~distillrec.evaluation.candidates.CandidateSet` (column 0 = the target), histories cut to the run's
+    ``train.max_len``. The candidates must come from the run's dataset (a DataError otherwise)."""
+    from .evaluation.candidates import score_candidates
+
+    trained = load_trained(run_dir, seed, dataset)
+    cands.check(trained.dataset)
+    return score_candidates(trained.model, cands.examples(trained.dataset), cands, trained.config.train.max_len,
+                            trained.config.eval.batch_size)
+
+
+def evaluate_run_on_candidates(run_dir: str | Path, candidates: str | Path) -> dict[str, Any]:
+    """Every seed of a finished run scored on a saved candidate file (``distillrec evaluate RUN --candidates F``):
+    the sampled protocol (labelled as such), candidate metrics per seed, and their mean and 95% CI over seeds."""
+    from .evaluation.candidates import CandidateSet, candidate_metrics
+    from .evaluation.evaluator import sampled_protocol
+    from .evaluation.metrics import aggregate_seeds
+
+    folder = RunFolder(Path(run_dir))
+    cfg = folder.read_config()
+    dataset = load_run_dataset(cfg)
+    cands = CandidateSet.load(candidates, dataset)
+    per_seed = []
+    for seed in cfg.train.seeds:
+        metrics = candidate_metrics(score_run_on_candidates(folder.root, cands, seed, dataset))
+        metrics.pop("n")
+        per_seed.append({"seed": seed, **metrics})
+    agg = aggregate_seeds([{k: v for k, v in s.items() if k != "seed"} for s in per_seed])
+    return {
+        "protocol": sampled_protocol(cands),
+        "model": cfg.model.name,
+        "dataset": dataset.name,
+        "split": cands.split,
+        "n": len(cands),
+        "mean": {k: v["mean"] for k, v in agg.items()},
+        "ci95": {k: v["ci95"] for k, v in agg.items()},
+        "seeds": per_seed,
+    }
+
+
 # ------------------------------------------------------------------------------------------------- comparing runs
 def compare_runs(run_dirs: list[Path], metric: str = "ndcg@10", split: str = "test") -> str:
     """A Markdown table of several runs (mean ± CI) and a paired test of each against the first run, on ``split``

@@ -5,6 +5,8 @@
 - :func:`inspect_dataset` -> a plain dict (statistics, protocol, load report, problems);
 - :func:`inspect_path` loads a folder (format guessed from its files) or a known dataset name and inspects it,
   with loader options (``distillrec data inspect --option key=value``, parsed by :func:`parse_option`);
+- :func:`path_dataset_config` / :func:`load_dataset_source`: the dataset a command-line argument names (a name, a
+  folder, or a YAML file with a ``dataset:`` block);
 - :func:`format_report` renders such a report as plain text.
 """
 
@@ -195,6 +197,56 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def path_dataset_config(path: str | Path, fmt: str | None = None, options: dict[str, Any] | None = None
+                        ) -> DatasetConfig:
+    """The dataset config of a known dataset name, or of a folder/file (format guessed from its files unless given)."""
+    options = dict(options or {})
+    p = Path(path)
+    if str(path) in KNOWN_DATASETS and not p.exists():
+        return DatasetConfig(name=str(path), format=fmt, options=options)
+    if not p.exists():
+        raise DataError(
+            f"'{path}' is neither an existing folder nor a known dataset name (known: "
+            f"{', '.join(sorted(KNOWN_DATASETS))})"
+        )
+    guessed: dict[str, Any] = {}
+    if fmt is None:
+        fmt, guessed = guess_format(p)
+    return DatasetConfig(name=p.name if p.is_dir() else p.stem, format=fmt, path=str(p), options=guessed | options)
+
+
+def load_dataset_source(source: str | Path) -> Dataset:
+    """A dataset from what a user names on the command line: a YAML file holding a ``dataset:`` block (a run config,
+    a method recipe) or a dataset config itself (``name``, ``format``, ``path``, ``options``, ``embeddings``), a
+    dataset folder or file (as ``distillrec data inspect`` reads it), or a known dataset name."""
+    p = Path(source)
+    if p.is_file() and p.suffix.lower() in (".yaml", ".yml"):
+        from pydantic import ValidationError
+
+        from ..config import format_validation_error
+
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping with a 'dataset:' block (a run config) or the keys of a "
+                              "dataset config (name, format, path, options)")
+        block, prefix = (raw["dataset"], "dataset.") if "dataset" in raw else (raw, "")
+        if isinstance(block, str):
+            block = {"name": block}
+        if not isinstance(block, dict):
+            raise ConfigError(f"{p}: {prefix or 'the file'} must be a mapping (name, format, path, options)")
+        try:
+            cfg = DatasetConfig(**block)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, str(p), prefix)) from None
+        return load_dataset(cfg)
+    return load_dataset(path_dataset_config(source))
+
+
 def inspect_path(path: str | Path, fmt: str | None = None, *, options: dict[str, Any] | None = None,
                  **more_options: Any) -> dict[str, Any]:
     """Load a known dataset name, or a folder/file (format guessed unless given), and inspect it.
@@ -202,21 +254,7 @@ def inspect_path(path: str | Path, fmt: str | None = None, *, options: dict[str,
     ``options`` (and any further keyword arguments) are loader options; they are checked against the loader's
     parameters before anything is read (a mistyped name is a DataError that lists the valid ones).
     """
-    options = {**(options or {}), **more_options}
-    p = Path(path)
-    if str(path) in KNOWN_DATASETS and not p.exists():
-        cfg = DatasetConfig(name=str(path), format=fmt, options=options)
-    else:
-        if not p.exists():
-            raise DataError(
-                f"'{path}' is neither an existing folder nor a known dataset name (known: "
-                f"{', '.join(sorted(KNOWN_DATASETS))})"
-            )
-        guessed: dict[str, Any] = {}
-        if fmt is None:
-            fmt, guessed = guess_format(p)
-        cfg = DatasetConfig(name=p.name if p.is_dir() else p.stem, format=fmt, path=str(p),
-                            options=guessed | options)
+    cfg = path_dataset_config(path, fmt, {**(options or {}), **more_options})
     ds = load_dataset(cfg)
     report = inspect_dataset(ds)
     report["format"] = cfg.format or KNOWN_DATASETS.get(cfg.name, (None,))[0]

@@ -1,4 +1,7 @@
-"""Scoring a split with a recommender: full ranking over all items, per-row ranks, means and slices."""
+"""Scoring a split with a recommender: full ranking over all items, per-row ranks, means and slices.
+
+The sampled-candidate protocol (MLLM-MSR's 1 positive : 20 negatives) is :mod:`distillrec.evaluation.candidates`;
+:func:`sampled_protocol` is its description, with a hash, to print beside every sampled number."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..data.batching import iterate_example_batches
 from ..data.dataset import Dataset, Examples
+from .candidates import CandidateSet
 from .metrics import DEFAULT_KS, mean_metrics, metrics_from_ranks, pessimistic_ranks, slice_metrics
 
 
@@ -20,7 +24,10 @@ class EvalProtocol(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    candidates: str = "full"  # full ranking over all items; sampled modes must be named here
+    # "full": every item 1..n is ranked (the only mode of `rank_examples` and of run folders). The sampled mode of
+    # MLLM-MSR (1 positive : n negatives per user) lives in `evaluation.candidates`: a saved CandidateSet shared by
+    # every model, described by `sampled_protocol(cands)` (mode "sampled", printed beside every sampled result).
+    candidates: str = "full"
     ks: tuple[int, ...] = DEFAULT_KS
     mask_history: bool = False  # RecBole's sequential default: history items stay rankable
     tie_breaking: str = "pessimistic"
@@ -35,6 +42,27 @@ class EvalProtocol(BaseModel):
         }
         d["hash"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
         return d
+
+
+def sampled_protocol(cands: CandidateSet) -> dict[str, Any]:
+    """The description of a sampled-candidate evaluation, labelled as such, with a hash over its settings and the
+    candidate items themselves: two sampled results are comparable only when their hashes are equal (model settings
+    such as ``max_len`` are not part of it, so an LLM and a recommender on the same file share the hash)."""
+    d: dict[str, Any] = {
+        "candidates": f"sampled 1+{cands.n_negatives}",
+        "label": (f"SAMPLED: 1 target + {cands.n_negatives} unseen negatives per row (seed {cands.seed}), "
+                  "not full ranking"),
+        "split": cands.split,
+        "n_negatives": int(cands.n_negatives),
+        "seed": int(cands.seed),
+        "n": len(cands.rows),
+        "dataset_fingerprint": cands.dataset_fingerprint,
+        "tie_breaking": "pessimistic",
+        "items_hash": hashlib.sha256(np.ascontiguousarray(cands.rows, np.int64).tobytes()
+                                     + np.ascontiguousarray(cands.items, np.int64).tobytes()).hexdigest()[:12],
+    }
+    d["hash"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return d
 
 
 @torch.no_grad()
