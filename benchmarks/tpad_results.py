@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--tpad-seeds", type=int, nargs="*", default=[],
                     help="extra TPAD training seeds for every variant (the recipe's seed always runs); downstream "
                          "runs on each, and pooled rows whose CIs include TPAD's own training noise")
+    ap.add_argument("--seeded-variants", nargs="*", default=["full", "na"],
+                    help="the variants that get the --tpad-seeds (default: full na, the issue-10 main variant and "
+                         "TPAD-NA; the other ablations keep the recipe's one TPAD seed)")
     args = ap.parse_args(argv)
     short = args.dataset.removeprefix("amazon2018-")
     out = args.out or ROOT / "runs" / "results" / short
@@ -290,7 +293,8 @@ def main(argv: list[str] | None = None) -> str:
     variants = ["full"] + ([] if args.no_ablations else list(ABLATIONS))
     if args.only is not None:
         variants = ["full"] + [v for v in args.only if v != "full"]
-    variants = [v + suffix for v in variants for suffix in ["", *(f"-s{t}" for t in args.tpad_seeds)]]
+    variants = [v + suffix for v in variants
+                for suffix in ["", *(f"-s{t}" for t in (args.tpad_seeds if v in args.seeded_variants else []))]]
     jobs = [tpad_job(short, v, out) for v in variants]
     names = []
     cfg_dir = ROOT / "configs" / args.dataset

@@ -508,22 +508,36 @@ class MultimodalLM(nn.Module):
     def lm_loss(self, prompts: Sequence[str], answers: Sequence[str], image_features: Any = None,
                 adapter: str | None = None, image_mask: Any = None, reduction: str = "mean",
                 add_eos: bool = True) -> torch.Tensor:
-        """Causal LM loss on the answer tokens (+ eos) only. ``prompts`` are user-turn contents (use
-        ``item_prompt(text)`` for the item prompt, or any string; ``<image>`` marks the soft image tokens)."""
+        """Causal LM loss on the answer tokens (+ eos with ``add_eos``) only: the prompt's tokens are never targets.
+        ``prompts`` are user-turn contents (use ``item_prompt(text)`` for the item prompt, or any string; ``<image>``
+        marks the soft image tokens). The output layer runs on the positions that predict an answer token only (the
+        same numbers as :func:`answer_only_loss` on the full logits, without a vocabulary-sized product per prompt
+        token). ``reduction``: ``"mean"`` over the batch's answer tokens, ``"sum"``, or ``"none"`` (per-row sums)."""
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers")
         b = self.encode(prompts, image_features, image_mask, answers=answers, add_eos=add_eos)
         with self.adapter_scope(adapter):
-            logits = self.lm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"],
-                             position_ids=b["position_ids"], use_cache=False).logits
-        return answer_only_loss(logits, b["labels"], reduction)
+            h = self._decoder()(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"],
+                                position_ids=b["position_ids"], use_cache=False).last_hidden_state
+        target = b["labels"][:, 1:]
+        keep = target != -100
+        logits = self.lm.get_output_embeddings()(h[:, :-1][keep]).float()
+        tok = F.cross_entropy(logits, target[keep], reduction="none")
+        if reduction == "none":
+            rows = keep.nonzero()[:, 0]
+            return torch.zeros(len(prompts), device=tok.device, dtype=tok.dtype).index_add(0, rows, tok)
+        if reduction == "sum":
+            return tok.sum()
+        return tok.sum() / keep.sum().clamp(min=1)
 
     # ---------------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, image_features: Any = None, prompt: str | Sequence[str] | None = None,
-                 max_new_tokens: int = 20, adapter: str | None = None, image_mask: Any = None) -> list[str]:
+                 max_new_tokens: int = 20, adapter: str | None = None, image_mask: Any = None,
+                 stats: dict[str, int] | None = None) -> list[str]:
         """Greedy decoding (left-padded batch, KV cache) from a prompt holding the soft image tokens
-        (default ``config.caption_prompt``). Returns the decoded answers, special tokens skipped."""
+        (default ``config.caption_prompt``). Returns the decoded answers, special tokens skipped. ``stats``, when
+        given, has ``prompt_tokens`` (soft tokens included) and ``generated_tokens`` (up to each row's eos) added."""
         if image_features is not None:
             n = image_features.shape[0] if isinstance(image_features, torch.Tensor) else len(image_features)
         else:
@@ -559,9 +573,14 @@ class MultimodalLM(nn.Module):
                             past_key_values=o.past_key_values, use_cache=True)
         texts = []
         gen = torch.stack(out_ids, 1).tolist() if out_ids else [[] for _ in range(n)]
+        n_generated = 0
         for row in gen:
             cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+            n_generated += min(cut + 1, len(row))
             texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        if stats is not None:
+            stats["prompt_tokens"] = stats.get("prompt_tokens", 0) + int(b["attention_mask"].sum())
+            stats["generated_tokens"] = stats.get("generated_tokens", 0) + n_generated
         return texts
 
     # ---------------------------------------------------------------------------------------------------- save/load
@@ -625,6 +644,33 @@ class MultimodalLM(nn.Module):
                     raise ValueError(f"adapter {name}: unexpected keys {bad[:3]}...")
             if meta.get("active_adapter") in self.config.adapters:
                 self.use_adapter(meta["active_adapter"])
+
+    def load_connector(self, path: str | Path) -> None:
+        """Load only the visual connector and the missing-image token of a ``save_trainable`` folder (e.g. a
+        connector alignment run's ``connector/``) into a model that may differ in everything else (adapters, LoRA
+        settings, summary tokens). The connector's own settings and the LM width must match."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_path = path / "config.json"
+        if not meta_path.is_file():
+            raise ValueError(f"'{meta_path}' not found (expected a folder written by save_trainable)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("hidden_size") != self.hidden_size:
+            raise ValueError(f"connector '{path}': width {meta.get('hidden_size')} != LM width {self.hidden_size}")
+        saved = MultimodalLMConfig(**meta["config"])
+        keys = ["d_image", "connector", "n_query", "qformer_layers", "qformer_dim", "qformer_heads",
+                "max_image_tokens", "mlp_hidden"]
+        diff = [k for k in keys if getattr(saved, k) != getattr(self.config, k)]
+        if diff:
+            raise ValueError(f"connector '{path}' differs from this model's in {diff}: "
+                             + ", ".join(f"{k}={getattr(saved, k)!r} there, {getattr(self.config, k)!r} here"
+                                         for k in diff))
+        sd = load_file(str(path / "connector.safetensors"), device=str(self.device))
+        with torch.no_grad():
+            self.missing_image.copy_(sd.pop("missing_image"))
+        sd.pop("special_embed.weight", None)
+        self.connector.load_state_dict({k.removeprefix("connector."): v for k, v in sd.items()}, strict=True)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer: Any = None, model: nn.Module | None = None,

@@ -44,6 +44,10 @@ register_method(MethodSpec(
     "tpad", "Knowledge-MLLM, Transfer-MLLM, transitional pattern alignment (CLUB/MINE), one-time item embeddings",
     ("knowledge", "transfer", "align", "embed"), "distillrec.methods.tpad.pipeline:main", "configs/tpad/demo.yaml"))
 register_method(MethodSpec(
+    "mllm_msr", "MLLM-MSR: image summaries, recurrent preference summaries, a LoRA yes/no MLLM recommender",
+    ("item_summaries", "preferences", "recommender", "evaluate"), "distillrec.methods.mllm_msr.pipeline:main",
+    "configs/mllm_msr/demo.yaml"))
+register_method(MethodSpec(
     "align", "connector alignment pretraining: image features -> item text through the frozen LM",
     (), "distillrec.methods.connector_alignment.pipeline:main", "configs/align/demo.yaml"))
 
