@@ -53,11 +53,16 @@ class MLLMMSRConfig(JobSettings):
     text_fields: list[str] | None = None  # the item's "title" in every prompt (None: every text field)
     item_text_chars: int = Field(120, ge=8)  # each item's text cut to this many characters in prompts
 
+    # the summariser: the same LM without LoRA, frozen, writing stages 1 and 2 (the paper uses LLaVA and Llama-3-8B
+    # there); its own depth, since a truncated LM that can still be fine-tuned to say yes/no cannot write a sentence
+    summariser_num_layers: int | None = Field(None, ge=1)  # None: all layers
+
     # stage 1: image summaries
     image_summary: bool = True  # False: the MLLM-MSR_I ablation (preferences from item text only)
     image_summary_prompt: str = IMAGE_SUMMARY_PROMPT
     image_summary_tokens: int = Field(32, ge=1)
     summary_batch_size: int = Field(16, ge=1)
+    summary_dir: str | None = None  # the summary cache (default <out>/summaries); variants and seeds may share one
 
     # stage 2: preference summaries
     preference: Literal["recurrent", "direct"] = "recurrent"  # direct: the MLLM-MSR_R ablation, one prompt

@@ -44,12 +44,17 @@ COLD_MAX = 4  # cold targets: seen at most this often in training (as in the TPA
 OUTPUTS = ("config.json", "candidates", "summaries", "recommender", "scores", "report.json", "report.md")
 # what the recommender's weights do not depend on (left out of its stage key)
 _NOT_IN_KEY = {"num_threads", "device", "progress", "out", "baselines", "rerank", "rerank_top_n", "save_every",
-               "summary_batch_size", "kv_cache", "eval_users", "n_negatives", "zero_shot"}
+               "summary_batch_size", "summary_dir", "kv_cache", "eval_users", "n_negatives", "zero_shot"}
 
 
-def build_model(cfg: MLLMMSRConfig, d_image: int) -> MultimodalLM:
-    """The LM with one LoRA adapter (``recommender``) and the aligned connector, everything but LoRA frozen."""
-    mcfg = multimodal_config(cfg.lm, cfg.multimodal, reserved_by=RESERVED_BY, d_image=d_image, adapters=[ADAPTER])
+def build_model(cfg: MLLMMSRConfig, d_image: int, *, summariser: bool = False) -> MultimodalLM:
+    """The recommender: the LM (``multimodal.num_layers``) with one LoRA adapter (``recommender``) and the aligned
+    connector, everything but LoRA frozen. ``summariser``: the LM with ``summariser_num_layers`` and no LoRA."""
+    if summariser:
+        block = {**cfg.multimodal, "num_layers": cfg.summariser_num_layers}
+        mcfg = multimodal_config(cfg.lm, block, reserved_by=RESERVED_BY, d_image=d_image, adapters=[])
+    else:
+        mcfg = multimodal_config(cfg.lm, cfg.multimodal, reserved_by=RESERVED_BY, d_image=d_image, adapters=[ADAPTER])
     mm = build_multimodal(cfg.lm, mcfg, device=cfg.device, seed=cfg.seed)
     if cfg.connector is not None:
         try:
@@ -62,7 +67,9 @@ def build_model(cfg: MLLMMSRConfig, d_image: int) -> MultimodalLM:
                           "false for the summary-free ablation)")
     for p in (*mm.connector.parameters(), mm.missing_image, mm.special_embed.weight):
         p.requires_grad_(False)
-    mm.use_adapter(ADAPTER)
+    if not summariser:
+        mm.use_adapter(ADAPTER)
+    mm.eval()
     return mm
 
 
@@ -196,7 +203,7 @@ def run_mllm_msr(cfg: MLLMMSRConfig | dict, *, stages: Sequence[str] = STAGES, d
     cold = {s: counts[cands[s].items[:, 0]] <= COLD_MAX for s in cands}
     seconds["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mm = build_model(cfg, data.d_image)
+    mm = build_model(cfg, data.d_image, summariser=True)
     seconds["load_lm"] = time.perf_counter() - t0
     report: dict[str, Any] = {
         "format": REPORT_FORMAT, "kind": "distillrec.mllm_msr", "dataset": ds.name,
@@ -210,7 +217,7 @@ def run_mllm_msr(cfg: MLLMMSRConfig | dict, *, stages: Sequence[str] = STAGES, d
                  **{s: [data.history(getattr(ds, s).histories[r]) for r in rows] for s in ("valid", "test")}}
 
     # 1. image summaries of every item in a summarised history (the frozen LM reading the connector's soft tokens)
-    summary_dir = out / "summaries"
+    summary_dir = Path(cfg.summary_dir) if cfg.summary_dir else out / "summaries"
     if cfg.summarises_images:
         needed = sorted({i for hs in histories.values() for h in hs for i in h if data.has_image[i]})
         cache = SummaryCache(summary_dir, "items", rank)
@@ -251,6 +258,12 @@ def run_mllm_msr(cfg: MLLMMSRConfig | dict, *, stages: Sequence[str] = STAGES, d
                                      for u, h, p in list(zip(pairs.users, pairs.histories, prefs["train"]))[:3]]
     if last == 1:
         return finish(report, out, t_start, seconds)
+
+    # the recommender LM (its own depth, LoRA) replaces the summariser
+    t0 = time.perf_counter()
+    del mm
+    mm = build_model(cfg, data.d_image)
+    seconds["load_lm"] += time.perf_counter() - t0
 
     # zero-shot: the LM before SFT on the same candidates (the paper's "LLaVA w/o SFT" row)
     scores_dir = out / "scores"
