@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,42 @@ def test_small_quickstart_runs_tpad_dimo_and_writes_the_report(tmp_path):
     assert (tmp_path / "tpad_curves.png").stat().st_size > 1000
     assert (tmp_path / "dimo_tpad_pca.png").stat().st_size > 1000
     assert (tmp_path / "tpad" / "embeddings" / "item_embeddings.safetensors").is_file()
+    # the README's numbers are rendered by the quickstart, in the README's table format
+    readme = (tmp_path / qs.README_RESULTS).read_text()
+    assert _table(readme).splitlines()[0] == _table((ROOT / "README.md").read_text()).splitlines()[0]
+    assert "| dimo_tpad (DIMO + TPAD embeddings) |" in readme and "gr: both modalities" in readme
+
+    # a second quickstart on the same folder reuses the finished runs: nothing retrained, re-evaluated or logged
+    logs = {n: (tmp_path / n / "train.log").read_bytes() for n, *_ in runs}
+    stamps = {n: (tmp_path / n / "metrics.json").stat().st_mtime_ns for n, *_ in runs}
+    qs.quickstart(tmp_path, seeds=[1, 2], dataset_cfg=demo, tpad_overrides=tiny, runs=runs)
+    assert {n: (tmp_path / n / "train.log").read_bytes() for n, *_ in runs} == logs
+    assert {n: (tmp_path / n / "metrics.json").stat().st_mtime_ns for n, *_ in runs} == stamps
+    assert _table((tmp_path / "report.md").read_text(), "| run | model |") == _table(text, "| run | model |")
+
+
+def _table(markdown: str, first: str = "| run | test HR@10 |") -> str:
+    """The Markdown table of ``markdown`` whose header starts with ``first``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def test_the_readme_quickstart_numbers_are_those_of_a_quickstart_report():
+    """The README's quickstart table and the GR and probe numbers its text quotes equal what the quickstart renders
+    from its run folders (``runs/quickstart``, or ``$DISTILLREC_QUICKSTART_DIR``). A full quickstart takes about 14
+    minutes on 2 cores, so this checks a finished folder and skips where there is none."""
+    folder = Path(os.environ.get("DISTILLREC_QUICKSTART_DIR") or ROOT / "runs" / "quickstart")
+    names = [name for name, *_ in qs.QUICKSTART_RUNS]
+    if not (folder / "tpad" / "report.json").is_file() or not all((folder / n / "metrics.json").is_file()
+                                                                   for n in names):
+        pytest.skip(f"no finished quickstart in {folder}: run `distillrec quickstart` (or set "
+                    "DISTILLREC_QUICKSTART_DIR) to check the README against it")
+    readme = (ROOT / "README.md").read_text()
+    assert _table(readme) == qs.readme_table(folder, names)
+    flat = " ".join(readme.split())  # the README wraps its lines
+    numbers = qs.readme_tpad_numbers(json.loads((folder / "tpad" / "report.json").read_text()))
+    assert set(numbers) == {"gr", "probe"}
+    for phrase in numbers.values():
+        assert phrase in flat, phrase

@@ -4,6 +4,8 @@ behind."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -89,12 +91,17 @@ def test_every_command_names_a_misspelt_feature(tmp_path):
     ("train.max_len=0", "train.max_len"),
     ("train.epochs=0", "train.epochs"),
     ("train.batch_size=-1", "train.batch_size"),
+    ("train.batch_size=0", "train.batch_size"),
     ("train.lr=-0.1", "train.lr"),
     ("train.num_threads=0", "train.num_threads"),
     ("train.seeds=[]", "train.seeds"),
     ("train.seeds=[1,", "not valid YAML"),
     ("train.max_len=80", "max_len=50"),  # longer than SASRec's positional table
     ("model.params.hidden_sise=8", "hidden_sise"),
+    ("model.params.hidden_size=-1", "model.params.hidden_size"),  # was a traceback from torch
+    ("model.params.n_heads=0", "model.params.n_heads"),
+    ("model.params.n_heads=3", "not a multiple of n_heads 3"),
+    ("model.params.hidden_dropout_prob=1.5", "model.params.hidden_dropout_prob"),
 ])
 def test_train_rejects_bad_values_before_anything_runs(tmp_path, override, needle):
     _fails(["train", _train_cfg(tmp_path), "--set", override, "--out", tmp_path / "r"], needle)
@@ -120,7 +127,9 @@ def test_out_that_is_a_file_and_bad_recommend_and_compare_options(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     _fails(["train", _train_cfg(tmp_path), "--out", f], "is a file")
+    _fails(["train", _train_cfg(tmp_path), "--out", f / "sub"], "cannot create the folder", "writable --out")
     _fails(["recommend", tmp_path, "a", "-k", "-5"], "-k -5")
+    _fails(["recommend", tmp_path, "a", "-k", "0"], "-k 0")
     runner.invoke(app, ["train", _yaml(tmp_path / "p.yaml", {"model": {"name": "pop"}, "dataset": TINY_DEMO}),
                         "--out", tmp_path / "pop"])
     _fails(["compare", tmp_path / "pop", "--metric", "foo@7"], "foo@7", "ndcg@K")
@@ -144,3 +153,93 @@ def test_compare_on_validation_and_a_bad_split(tmp_path):
     r = runner.invoke(app, ["compare", str(tmp_path / "pop"), "--split", "valid"])
     assert r.exit_code == 0 and "valid ndcg@10" in r.output
     _fails(["compare", tmp_path / "pop", "--split", "train"], "--split 'train'")
+
+
+def test_gru4rec_sizes_are_checked_when_the_config_is_read(tmp_path):
+    cfg = _yaml(tmp_path / "g.yaml", {"model": {"name": "gru4rec", "params": {"hidden_size": -1}}, "dataset": TINY_DEMO})
+    _fails(["train", cfg, "--out", tmp_path / "r"], "model.params.hidden_size", "greater than or equal to 1")
+    assert not (tmp_path / "r").exists()
+
+
+def test_export_recbole_command_refuses_a_name_with_a_path(tmp_path):
+    out = tmp_path / "deep" / "out"
+    _fails(["data", "export-recbole", "../escaped", "--format", "demo", "--out", out], "../escaped", "plain name")
+    _fails(["data", "export-recbole", "a/b", "--format", "demo", "--out", out], "a/b", "plain name")
+    assert not (tmp_path / "deep").exists()
+
+
+# ------------------------------------------------------------------------------------------------- data files
+def test_a_dataset_that_leaves_no_sequences_is_an_error_when_loaded(tmp_path):
+    inter = tmp_path / "inter"
+    inter.mkdir()
+    (inter / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t10\t1\n1\t11\t2\n2\t10\t3\n")
+    s3 = tmp_path / "s3"
+    s3.mkdir()
+    (s3 / "S.txt").write_text("1 1 2\n2 2\n")
+    for folder, fmt in ((inter, "recbole_inter"), (s3, "s3rec")):
+        _fails(["data", "inspect", folder, "--format", fmt], str(folder), "no training sequence",
+               "users with fewer than 3 interactions")
+        cfg = _yaml(tmp_path / f"{fmt}.yaml", {"model": {"name": "gru4rec"},
+                                                "dataset": {"name": "x", "format": fmt, "path": str(folder)},
+                                                "train": {"epochs": 1, "progress": False}})
+        _fails(["train", cfg, "--out", tmp_path / f"run-{fmt}"], "no training sequence")
+        assert not (tmp_path / f"run-{fmt}").exists()
+
+
+def test_extra_columns_in_session_and_atomic_files_name_the_line_and_the_columns(tmp_path):
+    sess = tmp_path / "sess"
+    sess.mkdir()
+    (sess / "a_train.tsv").write_text("session_prefix\ttarget\n1 2\t3\n2 3\t4\textra\n")
+    (sess / "a_test.tsv").write_text("session_prefix\ttarget\n1 2\t3\n")
+    _fails(["data", "inspect", sess, "--format", "session_tsv"], "a_train.tsv, line 3", "3 tab-separated fields",
+           "session_prefix, target")
+    atomic = tmp_path / "atomic"
+    atomic.mkdir()
+    head = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    (atomic / "S.train.inter").write_text(head + "0\t0\t1\n")
+    (atomic / "S.valid.inter").write_text(head + "0\t0 1\t2\t1700000000\n")
+    (atomic / "S.test.inter").write_text(head + "0\t0 1 2\t3\n")
+    _fails(["data", "inspect", atomic, "--format", "recbole_atomic"], "S.valid.inter, line 2",
+           "user_id:token, item_id_list:token_seq, item_id:token")
+    inter = tmp_path / "inter"
+    inter.mkdir()
+    (inter / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                                   + "".join(f"1\t{i}\t{i}\n" for i in range(4)) + "2\t1\t5\t9\n")
+    _fails(["data", "inspect", inter, "--format", "recbole_inter"], "x.inter, line 6", "4 tab-separated fields",
+           "user_id:token, item_id:token, timestamp:float")
+
+
+def test_columns_the_header_names_but_the_loader_does_not_use_are_in_the_load_report(tmp_path):
+    from distillrec.data.loaders import load_dataset
+
+    inter = tmp_path / "inter"
+    inter.mkdir()
+    (inter / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                   + "".join(f"1\t{i}\t5\t{i}\n" for i in range(4)))
+    ds = load_dataset({"name": "x", "format": "recbole_inter", "path": str(inter)})
+    assert "x.inter: column(s) ['rating'] are not used" in ds.report.summary()
+
+
+def test_files_that_are_not_images_are_warned_about_in_inspect_train_log_and_report(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import json
+
+    from distillrec.data.loaders import load_dataset
+
+    monkeypatch.setenv("DISTILLREC_CACHE_DIR", str(tmp_path / "cache"))
+    shop = {"name": "demo", "options": {"n_items": 30, "n_users": 40, "seed": 1, "out_dir": str(tmp_path / "shop")}}
+    paths = load_dataset(shop).items.image_paths
+    for p in paths:  # every image file replaced by text: the encoder has nothing to run on
+        Path(p).write_text("not an image")
+    r = runner.invoke(app, ["data", "inspect", "demo", *(a for k, v in shop["options"].items()
+                                                         for a in ("--option", f"{k}={v}"))])
+    assert "image_files_unreadable: 30" in r.output
+    cfg = _yaml(tmp_path / "f.yaml", {"model": {"name": "fused_sasrec", "params": {"features": ["image_effnet_lite0"]}},
+                                      "dataset": shop, "train": {"epochs": 1, "progress": False}})
+    r = runner.invoke(app, ["train", cfg, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    needle = "feature 'image_effnet_lite0': 30 of 30 items have an all-zero row"
+    assert needle in (tmp_path / "run" / "train.log").read_text()
+    assert "30 corrupt" in (tmp_path / "run" / "train.log").read_text()  # the encoder's own count
+    assert needle in (tmp_path / "run" / "report.md").read_text()
+    assert any(needle in w for w in json.loads((tmp_path / "run" / "metrics.json").read_text())["warnings"])

@@ -1,6 +1,11 @@
 """Writing files so that a kill never leaves half of one, and fingerprints of folders. The lowest layer: every other
 layer (feature caches, LM conversion, checkpoints, run folders, method outputs) writes through these helpers.
 
+Output folders are locked while a process writes them (:func:`folder_lock`, taken by :func:`prepare_out`): a second
+writer to the same folder is refused with the holder's pid named. The lock is an ``fcntl.flock`` on
+``<folder>/.distillrec.lock``, so the operating system releases it when the holder dies: a killed run never blocks
+the next one.
+
 Checkpoints are one safetensors file each: model and optimizer tensors plus plain JSON state in the metadata (no
 pickle: optimizer state is flattened to tensors, everything else is JSON). The resumable multi-optimiser stage
 checkpoints of :mod:`distillrec.training.checkpoint` are folders of these files.
@@ -8,12 +13,18 @@ checkpoints of :mod:`distillrec.training.checkpoint` are folders of these files.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +86,8 @@ def folder_fingerprint(path: str | Path, suffixes: tuple[str, ...] | None = None
     when given), in sorted order: equal for equal contents wherever the folder is copied."""
     path = Path(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and (suffixes is None or p.name.endswith(suffixes)))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != LOCK_FILE
+                   and (suffixes is None or p.name.endswith(suffixes)))
     for f in files:
         h.update(str(f.relative_to(path)).encode() + b"\0")
         with f.open("rb") as fh:
@@ -156,22 +168,116 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: Any | None = None) 
     return meta["state"]
 
 
-def prepare_out(out: str | Path, outputs: Sequence[str], *, restart: bool, marker: str) -> Path:
-    """Create the output folder ``out`` of a command (an error when it is a file or cannot be made). With
-    ``restart``, remove the entries named in ``outputs`` -- what the command writes -- but only from a folder that
-    holds its ``marker`` file (or none of those entries): a user's other files are never touched."""
+# ---------------------------------------------------------------------------------------------- output folders
+LOCK_FILE = ".distillrec.lock"
+_HELD: dict[str, int] = {}  # resolved folder -> file descriptor of its lock, for the folders this process holds
+_HELD_GUARD = threading.Lock()
+
+
+def make_out(out: str | Path) -> Path:
+    """Create the output folder ``out`` (with its parents): a ConfigError naming it when it is a file or cannot be
+    made or written."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out '{out}' is a file; give a folder")
-    if restart and out.is_dir():
-        ours = [out / name for name in outputs if (out / name).exists()]
-        if ours and not (out / marker).is_file():
-            raise ConfigError(f"--restart: '{out}' does not look like a run of this command (no {marker}); "
-                              "nothing was deleted: give another --out")
-        for p in ours:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"out '{out}': cannot create the folder ({e.strerror}); give a writable --out") from None
+    return out
+
+
+def _holder(lock: Path) -> str:
+    try:
+        text = lock.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "a process that has not written its pid yet"
+
+
+def _acquire(out: Path) -> bool:
+    """Lock ``out`` for this process; False when this process holds it already. A ConfigError naming the folder and
+    the holding process when another process holds it."""
+    key = str(out.resolve())
+    with _HELD_GUARD:
+        if key in _HELD:
+            return False
+        lock = out / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"out '{out}': cannot write in the folder ({e.strerror}); give a writable --out"
+                                  ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise ConfigError(f"'{out}' is being written by another process ({_holder(lock)}); wait for it to "
+                                  "finish (or stop it), or give another --out") from None
+            try:  # the previous holder may have removed the file between our open and our lock: lock the new one
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        command = " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:300]
+        info = (f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{command}\n")
+        os.ftruncate(fd, 0)
+        os.write(fd, info.encode())
+        _HELD[key] = fd
+        return True
+
+
+def _release(out: Path) -> None:
+    with _HELD_GUARD:
+        fd = _HELD.pop(str(out.resolve()), None)
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            (out / LOCK_FILE).unlink()  # while still locked: nobody else can hold this file
+        os.close(fd)
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_HELD):
+        _release(Path(key))
+
+
+@contextlib.contextmanager
+def folder_lock(out: str | Path) -> Iterator[Path]:
+    """Create ``out`` (see :func:`make_out`) and hold its lock inside the ``with`` block (re-entrant in one process:
+    an inner lock of a folder this process holds is a no-op). Another process holding it is a ConfigError that names
+    the folder and its pid; a dead holder's lock is released by the operating system."""
+    out = make_out(out)
+    taken = _acquire(out)
+    try:
+        yield out
+    finally:
+        if taken:
+            _release(out)
+
+
+def prepare_out(out: str | Path, outputs: Sequence[str], *, restart: bool, marker: str) -> Path:
+    """Create the output folder ``out`` of a command (an error when it is a file or cannot be made) and lock it for
+    the rest of this process (unless this process holds it already, e.g. inside :func:`folder_lock`): a second
+    writer is refused. With ``restart``, remove the entries named in ``outputs`` -- what the command writes -- but
+    only from a folder that holds its ``marker`` file (or none of those entries): a user's other files are never
+    touched."""
+    out = make_out(out)
+    taken = _acquire(out)
+    try:
+        if restart:
+            ours = [out / name for name in outputs if (out / name).exists() or (out / name).is_symlink()]
+            if ours and not (out / marker).is_file():
+                raise ConfigError(f"--restart: '{out}' does not look like a run of this command (no {marker}); "
+                                  "nothing was deleted: give another --out")
+            for p in ours:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    except BaseException:
+        if taken:
+            _release(out)
+        raise
     return out

@@ -4,7 +4,12 @@ one combined report (results table with paired tests, TPAD training curves, a 2-
 item tables).
 
 The TPAD recipe is ``QUICKSTART_TPAD`` (identical to ``configs/tpad/demo.yaml``, a test checks it); the downstream
-runs are ``QUICKSTART_RUNS``. Every part resumes: TPAD stages from their checkpoints, finished runs are reused.
+runs are ``QUICKSTART_RUNS``. Every part resumes: TPAD stages from their checkpoints; finished runs are reused as
+they are (nothing retrained, re-evaluated or appended to their ``train.log``).
+
+The README's quickstart numbers are rendered here too (:func:`readme_results`, written to ``readme_results.md``):
+the results table in the README's own format and the keyword-generation and probe numbers its text quotes.
+``tests/test_quickstart.py`` checks the README against them for a finished quickstart folder.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from rich.console import Console
 from .data.embeddings import attach_item_embeddings
 from .data.loaders import load_dataset
 from .evaluation.report import Panel, fmt_number, markdown_table, plot_panels, pyplot, save_figure
+from .files import atomic_write_text, folder_lock
 from .methods.tpad.config import TPADConfig
 from .methods.tpad.pipeline import run_tpad
 from .runs import compare_runs, load_config
@@ -78,8 +84,13 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
     console = console or Console()
     demo = dataset_cfg or DEMO
     runs = QUICKSTART_RUNS if runs is None else runs
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out) as out:  # one quickstart writes a folder at a time
+        return _quickstart(out, seeds, console, demo, tpad_overrides, runs)
+
+
+def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict[str, Any],
+                tpad_overrides: dict[str, Any] | None, runs: list[tuple[str, str, dict[str, Any], dict[str, Any]]]
+                ) -> Path:
     t0 = time.perf_counter()
     elapsed = lambda: f"{time.perf_counter() - t0:.0f}s"  # noqa: E731
     console.print("[bold]distillrec quickstart[/bold]: generating the demo shop (no download) ...")
@@ -147,10 +158,96 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
         + (f"![DIMO ID vs modality item tables, PCA]({pca.name})\n\n" if pca else "")
         + "Each run's own report (slices, curves, timing): `<run>/report.md`.\n"
     )
-    (out / "report.md").write_text(report)
+    atomic_write_text(out / "report.md", report)
+    atomic_write_text(out / README_RESULTS, readme_results(out, [name for name, *_ in runs]))
     console.print(table)
     console.print(f"report: {out / 'report.md'}  (total {elapsed()})")
     return out / "report.md"
+
+
+# ------------------------------------------------------------------------------------------ the README's numbers
+README_RESULTS = "readme_results.md"
+README_HEADER = ["run", "test HR@10", "test NDCG@10", "Δ NDCG@10 vs Pop", "paired t p", "Wilcoxon p"]
+README_LABELS = {
+    "fused_sasrec": "fused_sasrec (+ attribute one-hot features)",
+    "fused_sasrec_tpad": "fused_sasrec_tpad (+ TPAD embeddings)",
+    "dimo_raw": "dimo_raw (DIMO + EfficientNet-Lite0 image, MiniLM text)",
+    "dimo_tpad": "dimo_tpad (DIMO + TPAD embeddings)",
+}
+
+
+def _p_value(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.0e}"
+
+
+def _short(x: float | None, digits: int) -> str:
+    """``.156`` (no leading zero), ``0`` for zero: how the README's text quotes rates."""
+    if x is None:
+        return "–"
+    return "0" if round(x, digits) == 0 else f"{x:.{digits}f}".replace("0.", ".", 1)
+
+
+def readme_table(out: Path, names: list[str] | None = None, metric: str = "ndcg@10") -> str:
+    """The README's quickstart table from the runs in ``out`` (default: every ``QUICKSTART_RUNS`` name), in the
+    README's format: test HR@10 and NDCG@10 (mean ± 95% CI over seeds), the best NDCG@10 in bold, and paired tests
+    of NDCG@10 against the first run (Pop) per test user, the per-user values averaged over seeds."""
+    from .evaluation.metrics import metrics_from_ranks, paired_test
+    from .runs import RunFolder
+
+    names = names or [name for name, *_ in QUICKSTART_RUNS]
+    k = int(metric.split("@")[1])
+    folders = [RunFolder(out / n) for n in names]
+    runs = [f.read_metrics() for f in folders]
+
+    def per_row(folder: RunFolder, r: dict[str, Any]) -> np.ndarray:
+        return np.mean([metrics_from_ranks(folder.read_ranks("test", s["seed"]), (k,))[metric] for s in r["seeds"]],
+                       axis=0)
+
+    base = per_row(folders[0], runs[0])
+    best = max(r["test"][metric] for r in runs)
+    rows = []
+    for i, (name, folder, r) in enumerate(zip(names, folders, runs)):
+        ci = r.get("test_ci95", {})
+        ndcg = fmt_number(r["test"][metric], ci=ci.get(metric))
+        row = [README_LABELS.get(name, name), fmt_number(r["test"][f"hr@{k}"], ci=ci.get(f"hr@{k}")),
+               f"**{ndcg}**" if r["test"][metric] == best else ndcg]
+        if i == 0:
+            rows.append(row + ["–"] * 3)
+            continue
+        t = paired_test(per_row(folder, r), base, metric)
+        rows.append(row + [f"{t.mean_diff:+.4f}".replace("-", "−"), _p_value(t.t_pvalue), _p_value(t.wilcoxon_pvalue)])
+    return markdown_table(README_HEADER, rows)
+
+
+def readme_tpad_numbers(tpad_report: dict[str, Any]) -> dict[str, str]:
+    """The TPAD numbers the README's quickstart text quotes: the keyword generation rates (``gr``) and the
+    transition probe (``probe``), each as the exact phrase the README uses."""
+    stages = tpad_report.get("stages", {})
+    know = {h["epoch"]: h for h in stages.get("knowledge", {}).get("history", [])}
+    align = stages.get("align", {}).get("history", [])
+    out: dict[str, str] = {}
+    if know and align:
+        first, trained, final = know[min(know)], know[max(know)], align[-1]
+        out["gr"] = (f"both modalities {_short(first.get('gr_both'), 3)} → {_short(trained.get('gr_both'), 3)} after "
+                     f"stage 1 → {_short(final.get('gr_both'), 3)} after stage 2b; image-only "
+                     f"{_short(final.get('gr_image'), 3)}, text-only {_short(final.get('gr_text'), 3)}")
+    probe = tpad_report.get("probe") or {}
+    wanted = {"raw text_minilm": "MiniLM text", "transfer states": "Transfer states", "exported (final)": "TPAD export"}
+    if all(n in probe for n in wanted):
+        parts = ", ".join(f"{label} {_short(probe[n]['valid']['mrr'], 4)}" for n, label in wanted.items())
+        chance = next(iter(probe.values()))["test"]["chance_hr@10"]
+        out["probe"] = f"valid MRR {parts}; chance HR@10 {_short(chance, 4)}"
+    return out
+
+
+def readme_results(out: Path, names: list[str] | None = None) -> str:
+    """``readme_results.md``: what the README's quickstart section shows, rendered from this quickstart folder."""
+    text = "# The README's quickstart numbers, from this folder\n\n" + readme_table(out, names) + "\n"
+    tpad_report = out / "tpad" / "report.json"
+    if tpad_report.is_file():
+        for key, phrase in readme_tpad_numbers(json.loads(tpad_report.read_text())).items():
+            text += f"\n{key}: {phrase}\n"
+    return text
 
 
 def plot_tpad_curves(report: dict[str, Any], path: Path) -> Path | None:

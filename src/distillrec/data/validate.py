@@ -43,6 +43,27 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]) if arrays else np.zeros(0, np.int64)
 
 
+def _image_problems(ids: list[str], paths: list[str | None]) -> tuple[list[str], list[str]]:
+    """(items whose image file is absent, items whose file is not an image), as 'item: path'. Only the file header
+    is read (``PIL.Image.open`` is lazy), so this is fast even for many images."""
+    from PIL import Image
+
+    absent, unreadable = [], []
+    for ext, path in zip(ids, paths):
+        if path is None or str(path).strip() == "":
+            continue
+        if not Path(path).is_file():
+            absent.append(f"{ext}: {path}")
+            continue
+        try:
+            with Image.open(path) as im:
+                if im.width < 1 or im.height < 1:
+                    raise ValueError("empty image")
+        except Exception:  # noqa: BLE001 - whatever PIL raises, the file is not usable as an image
+            unreadable.append(f"{ext}: {path}")
+    return absent, unreadable
+
+
 def validate_dataset(ds: Dataset) -> list[Problem]:
     problems: list[Problem] = []
     n = ds.n_items
@@ -69,6 +90,12 @@ def validate_dataset(ds: Dataset) -> list[Problem]:
         add("warning", "items_without_text", len(empty), f"items have no text in any field {list(items.text)}", empty)
     if items.image_paths is not None and len(items.image_paths) != n:
         add("error", "image_paths_length_mismatch", 1, f"image_paths has {len(items.image_paths)} entries for {n} items")
+    elif items.image_paths is not None:
+        absent, unreadable = _image_problems(items.ids, items.image_paths)
+        add("warning", "image_files_missing", len(absent),
+            "items name an image file that does not exist (their image features will be all zeros)", absent)
+        add("warning", "image_files_unreadable", len(unreadable),
+            "image files are not images PIL can open (their image features will be all zeros)", unreadable)
     for name, mat in items.features.items():
         if mat.ndim != 2 or mat.shape[0] != n + 1:
             add("error", "feature_rows_mismatch", 1,

@@ -32,7 +32,7 @@ class FusionConfig(ModelConfig):
     fusion: Literal["add", "concat"] = "add"
     use_id: bool = True  # False: features only (cold-start items)
     adapter_layernorm: bool = True  # LayerNorm after each adapter's Linear: CLIP and text features differ in scale
-    adapter_dropout: float = 0.1
+    adapter_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     # "standardize": each feature column to mean 0 / std 1 over the items before the adapter (models.features); "none"
     feature_norm: FeatureNorm = "standardize"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ..data.dataset import Dataset
@@ -18,10 +19,10 @@ from .sequential import SequentialConfig, SequentialRecommender
 
 class GRU4RecConfig(SequentialConfig):
     # RecBole GRU4Rec defaults
-    embedding_size: int = 64
-    hidden_size: int = 128
-    num_layers: int = 1
-    dropout_prob: float = 0.3
+    embedding_size: int = Field(64, ge=1)
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(1, ge=1)
+    dropout_prob: float = Field(0.3, ge=0.0, lt=1.0)
 
 
 @register_model("gru4rec")

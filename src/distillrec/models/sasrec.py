@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..data.dataset import Dataset
@@ -27,16 +28,23 @@ _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "swish": nn.SiLU, "tanh": nn.T
 
 class SASRecConfig(SequentialConfig):
     # RecBole SASRec defaults (max_len = RecBole's MAX_ITEM_LIST_LENGTH)
-    n_layers: int = 2
-    n_heads: int = 2
-    hidden_size: int = 64
-    inner_size: int = 256
-    hidden_dropout_prob: float = 0.5
-    attn_dropout_prob: float = 0.5
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(2, ge=1)
+    hidden_size: int = Field(64, ge=1)
+    inner_size: int = Field(256, ge=1)
+    hidden_dropout_prob: float = Field(0.5, ge=0.0, lt=1.0)
+    attn_dropout_prob: float = Field(0.5, ge=0.0, lt=1.0)
     hidden_act: Literal["gelu", "relu", "swish", "tanh", "sigmoid"] = "gelu"
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-    max_len: int = 50  # number of positional embeddings: the longest window the model accepts
+    layer_norm_eps: float = Field(1e-12, gt=0.0)
+    initializer_range: float = Field(0.02, ge=0.0)
+    max_len: int = Field(50, ge=1)  # number of positional embeddings: the longest window the model accepts
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> SASRecConfig:
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of n_heads {self.n_heads}; "
+                             "give a hidden_size that n_heads divides")
+        return self
 
 
 class Block(nn.Module):

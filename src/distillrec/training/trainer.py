@@ -13,9 +13,11 @@ batches and evaluates a stripe of the rows, and rank 0 writes everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from ..errors import ConfigError
 from ..evaluation.evaluator import rank_examples, summarise
 from ..evaluation.metrics import aggregate_seeds
 from ..evaluation.report import plot_curves, render_run_report
-from ..files import atomic_write_text, prepare_out
+from ..files import atomic_write_text, folder_lock, prepare_out
 from ..models import Recommender, build_model
 from ..runs import RunConfig, RunFolder, check_feature_names, dump_config, evaluate_run, load_run_dataset
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
@@ -222,8 +224,10 @@ def _mean_slices(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 def prepare_run_folder(cfg: RunConfig, out_dir: Path, *, resume: bool) -> RunFolder:
     """Create the run folder, or check an existing one: resuming needs the same config (a different one is refused
     with the differing keys named, before anything is overwritten); without ``resume``, only what ``train`` writes is
-    removed, and only from a folder that is a run folder."""
+    removed, and only from a folder that is a run folder. Call it holding the folder's lock (``files.folder_lock``)."""
     folder = RunFolder(out_dir)
+    if folder.root.exists() and not folder.root.is_dir():
+        raise ConfigError(f"out '{folder.root}' is a file; give a folder")
     if resume and folder.config.is_file():
         diff = _changed_keys(yaml_load(folder.config), cfg.model_dump(mode="json"))
         if diff:
@@ -231,6 +235,22 @@ def prepare_run_folder(cfg: RunConfig, out_dir: Path, *, resume: bool) -> RunFol
                               "use another --out, or --restart to replace it")
     prepare_out(folder.root, [p.name for p in folder.outputs()], restart=not resume, marker=folder.config.name)
     return folder
+
+
+def finished_metrics(cfg: RunConfig, out_dir: Path) -> dict[str, Any] | None:
+    """The metrics of a finished run of ``cfg`` in ``out_dir`` (its ``metrics.json``, config unchanged up to the
+    runtime settings), else None: a finished run is reused as it is, nothing retrained, re-evaluated or logged."""
+    folder = RunFolder(out_dir)
+    if not (folder.metrics.is_file() and folder.config.is_file()):
+        return None
+    if _changed_keys(yaml_load(folder.config), cfg.model_dump(mode="json")):
+        return None
+    try:
+        metrics = json.loads(folder.metrics.read_text())
+    except (OSError, ValueError):
+        return None
+    done = {s.get("seed") for s in metrics.get("seeds", [])}
+    return metrics if done == set(cfg.train.seeds) else None
 
 
 def yaml_load(path: Path) -> dict[str, Any]:
@@ -258,8 +278,11 @@ def run(
 ) -> dict[str, Any]:
     """Train and evaluate ``cfg`` for every seed; writes config.yaml, metrics.json, report.md, train.log and
     checkpoints into ``out_dir`` and returns the metrics dictionary. ``resume`` (the default): a folder holding a run
-    of the same config continues from its last checkpoints (finished seeds are reused); ``resume=False`` starts
-    over. The dataset and the features the model names are checked before the folder is touched."""
+    of the same config continues from its last checkpoints (finished seeds are reused; a finished run is returned as
+    it is, nothing retrained, re-evaluated or appended to ``train.log``); ``resume=False`` starts over. The dataset
+    and the features the model names are checked before the folder is touched, and the folder is locked while the
+    run writes it (another process writing the same folder is refused, naming its pid). Item features with all-zero
+    rows (e.g. files that are not images) are warned about in ``train.log``, ``metrics.json`` and ``report.md``."""
     rank, world = init_distributed()
     out_dir = Path(out_dir)
     cfg.train.apply()
@@ -268,16 +291,60 @@ def run(
     if not (len(dataset.valid) and len(dataset.test)):
         raise ConfigError(f"dataset '{dataset.name}' has {len(dataset.valid)} validation and {len(dataset.test)} test "
                           "rows: nothing to select or test on (see `distillrec data inspect`)")
-    folder = prepare_run_folder(cfg, out_dir, resume=resume) if rank == 0 else RunFolder(out_dir)
-    barrier()
+    # rank 0 writes the folder and holds its lock for the whole run: a second writer is refused
+    with folder_lock(out_dir) if rank == 0 else contextlib.nullcontext():
+        folder = prepare_run_folder(cfg, out_dir, resume=resume) if rank == 0 else RunFolder(out_dir)
+        barrier()
+        reused = finished_metrics(cfg, out_dir) if resume else None
+        if reused is not None:
+            return reused
+        return _run_in_folder(cfg, folder, dataset, resume, rank, world)
+
+
+def _feature_warnings(cfg: RunConfig, dataset: Dataset) -> list[str]:
+    """The model's item features with all-zero rows (a missing or unreadable image, an item without the feature):
+    the model sees no content for those items, which belongs in the run's log and report, not only on stderr."""
+    out = []
+    for name in cfg.feature_names():
+        mat = dataset.items.features.get(name)
+        if mat is None:
+            continue
+        zero = np.flatnonzero(~np.asarray(mat[1:]).any(axis=1))
+        if len(zero):
+            examples = ", ".join(dataset.items.ids[i] for i in zero[:5])
+            what = ("their image file is missing or not an image" if name.startswith("image_")
+                    else "the items have no value")
+            out.append(f"feature '{name}': {len(zero)} of {dataset.n_items} items have an all-zero row ({what}; "
+                       f"e.g. items {examples}): the model sees no content for them")
+    return out
+
+
+def _run_in_folder(cfg: RunConfig, folder: RunFolder, dataset: Dataset, resume: bool, rank: int,
+                   world: int) -> dict[str, Any]:
+    out_dir = folder.root
     logger = _make_logger(out_dir, rank)
     if rank == 0:
         atomic_write_text(folder.config, dump_config(cfg))
-    dataset = load_run_dataset(cfg, dataset)
+    features_log = logging.getLogger("distillrec.features")  # the encoders' warnings (unreadable images) go here too
+    handlers: list[logging.Handler] = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    if handlers and not logging.getLogger().handlers:  # keep them on stderr as well (Python's last resort)
+        handlers.append(logging.StreamHandler())
+    for h in handlers:
+        features_log.addHandler(h)
+    try:
+        dataset = load_run_dataset(cfg, dataset)
+    finally:
+        for h in handlers:
+            features_log.removeHandler(h)
     protocol = cfg.eval.describe(dataset, cfg.train.max_len)
     logger.info(f"model {cfg.model.name} on {dataset.name}: {json.dumps(dataset.statistics())}")
     logger.info(f"protocol {protocol['hash']}: {json.dumps(protocol)}")
     logger.info(f"loader report: {dataset.report.summary()}")
+    warnings = _feature_warnings(cfg, dataset)
+    for w in warnings:
+        logger.warning(f"warning: {w}")
+        if rank == 0:
+            print(f"warning: {w}", file=sys.stderr)
 
     per_seed = [train_one_seed(cfg, dataset, s, out_dir, resume, logger) for s in cfg.train.seeds]
     valid_agg = aggregate_seeds([s["valid"] for s in per_seed])
@@ -302,11 +369,15 @@ def run(
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "world_size": world,
         },
+        "warnings": warnings,
     }
     if rank == 0:
         atomic_write_text(folder.metrics, json.dumps(metrics, indent=1))
         curves = plot_curves(per_seed, folder.curves)
-        atomic_write_text(folder.report, render_run_report(metrics, curves_png=curves))
+        report = render_run_report(metrics, curves_png=curves)
+        if warnings:
+            report = report.rstrip("\n") + "\n\n## Warnings\n\n" + "".join(f"- {w}\n" for w in warnings)
+        atomic_write_text(folder.report, report)
     barrier()
     return metrics
 

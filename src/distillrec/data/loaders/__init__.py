@@ -195,12 +195,25 @@ def load_dataset(cfg: DatasetConfig | dict) -> Dataset:
     options = _check_options(fmt, options)
     ds = _LOADERS[fmt](path, **options) if path is not None else _LOADERS[fmt](**options)
     ds.name = cfg.name
+    _check_not_empty(ds, fmt, path)
     if cfg.embeddings:
         from ..embeddings import attach_item_embeddings
 
         for prefix, folder in cfg.embeddings.items():
             attach_item_embeddings(ds, prefix, folder)
     return ds
+
+
+def _check_not_empty(ds: Dataset, fmt: str, path: Path | None) -> None:
+    """A dataset that leaves no training sequence is an error when it is loaded (not a KeyError at the end of
+    training), naming the data and what the loader skipped. (No validation or test rows is a warning of
+    ``distillrec data inspect``; ``distillrec train`` refuses it before the run folder is made.)"""
+    if ds.train:
+        return
+    where = f"{path} ({fmt})" if path is not None else f"'{ds.name}' ({fmt})"
+    raise DataError(f"{where}: the data leaves no training sequence after loading ({len(ds.valid)} validation and "
+                    f"{len(ds.test)} test rows; load report: {ds.report.summary()}); give more interactions per user "
+                    "or session (leave-one-out formats need 3 per user)")
 
 
 def available_formats() -> list[str]:

@@ -6,7 +6,9 @@
   :class:`DataError` naming the file and line; a file with no data line raises one too.
 - :func:`as_folder`, :func:`find_one`, :func:`require_file`: locate a loader's files, with the fix in the error.
 - :func:`parse_int`, :func:`parse_ints`: integer ids, with file and line in the error.
-- :func:`header_columns`: column positions from a header line.
+- :func:`header_columns`: column positions from a header line; :meth:`TextRows.check_width`: a row with more fields
+  than the header names is a DataError naming the file, the line and the expected columns (an extra field would
+  otherwise shift silently into another column's place).
 - :func:`dense_id_limit` / :func:`check_dense_ids`: formats whose item ids are used as dense indices (S3-Rec numbers,
   RecBole atomic indices) accept an id only up to a bound set by the number of distinct ids, so one stray huge id
   cannot make a loader allocate gigabytes.
@@ -139,6 +141,27 @@ class TextRows:
             raise ValueError("TextRows.columns needs header=True")
         return header_columns(self.header_line, self.path, self.sep or "\t", required, strip_types=strip_types,
                               lineno=self.header_lineno)
+
+    def header_names(self, *, strip_types: bool = True) -> list[str]:
+        if self.header_line is None:
+            raise ValueError("TextRows.header_names needs header=True")
+        names = [c.strip() for c in self.header_line.split(self.sep or "\t")]
+        return [c.split(":", 1)[0] for c in names] if strip_types else names
+
+    def check_width(self, lineno: int, parts: list[str], fix: str) -> None:
+        """A DataError naming the file, line and the header's columns when the row has more fields than the header
+        names (``fix`` says what a row must hold)."""
+        names = self.header_names(strip_types=False)
+        if len(parts) > len(names):
+            sep = "tab" if self.sep == "\t" else repr(self.sep)
+            raise DataError(
+                f"{self.path}, line {lineno}: {len(parts)} {sep}-separated fields, but the header (line "
+                f"{self.header_lineno}) names {len(names)} columns ({', '.join(names)}); {fix}"
+            )
+
+    def unused_columns(self, used: list[str]) -> list[str]:
+        """The header's columns not in ``used`` (for the load report)."""
+        return [n for n in self.header_names() if n and n not in used]
 
     def __iter__(self) -> Iterator[tuple[int, list[str]]]:
         sep, maxsplit = self.sep, self.maxsplit

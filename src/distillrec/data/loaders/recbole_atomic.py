@@ -17,6 +17,9 @@ history must equal it (both checked; disagreements are counted in the report). T
 their last 50 items (UniSRec's max length); the loader rebuilds the full sequences from the overlapping rows and
 restores cut valid/test histories, noting how many.
 
+A ``.inter`` row with more fields than its header names is an error naming the line; further columns named in the
+header are not used (noted in the load report).
+
 Without ``<Name>.item2index`` the indices must be non-negative and dense enough to be used as indices (see
 ``_io.dense_id_limit``); a negative or far-too-large index is an error naming its file and line.
 """
@@ -67,9 +70,14 @@ def _read_inter(path: Path, n_items: int | None, report: LoadReport
     cols = rows.columns(["user_id", "item_id_list", "item_id"])
     cu, cl, ci = cols["user_id"], cols["item_id_list"], cols["item_id"]
     width = max(cu, cl, ci) + 1
+    unused = rows.unused_columns(["user_id", "item_id_list", "item_id"])
+    if unused:
+        report.notes.append(f"{path.name}: column(s) {unused} of the header are not used")
     users, hists, targets = [], [], []
     top, top_line = -1, 0
     for lineno, parts in rows:
+        rows.check_width(lineno, parts, "each row holds the header's columns and no more (remove the extra field, "
+                                        "or name its column in the header)")
         if len(parts) < width:
             raise DataError(
                 f"{path}, line {lineno}: {len(parts)} tab-separated column(s), the header names {width}; "

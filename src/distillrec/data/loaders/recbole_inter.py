@@ -4,7 +4,9 @@ File: tab-separated with a typed header, e.g. RecBole's bundled ml-100k::
 
     user_id:token \t item_id:token \t rating:float \t timestamp:float
 
-Every row is a positive (no rating threshold, no k-core, duplicates kept; RecBole's ``val_interval: ~``,
+A row with more fields than the header names is an error naming the line (an extra field would shift into the
+timestamp's place); columns the header names besides these three (e.g. ``rating``) are not used, noted in the load
+report. Every row is a positive (no rating threshold, no k-core, duplicates kept; RecBole's ``val_interval: ~``,
 ``*_inter_num_interval: ~``, ``rm_dup_inter: ~``). Each user's items are ordered the way RecBole orders them for
 ``eval_args: {order: TO}``: RecBole min-max-normalises every float column (``normalize_all: True``, the ml-100k
 default) in float64 and stores it as **float32**, then stable-sorts by that value, so equal float32 values keep file
@@ -84,10 +86,15 @@ def load_recbole_inter(path: Path | str | None = None, *, stem: str | None = Non
     cols = rows.columns(["user_id", "item_id", "timestamp"])
     cu, ci, ct = cols["user_id"], cols["item_id"], cols["timestamp"]
     width = max(cu, ci, ct) + 1
+    unused = rows.unused_columns(["user_id", "item_id", "timestamp"])
+    if unused:
+        report.notes.append(f"{inter.name}: column(s) {unused} are not used (every row is a positive)")
     users: list[str] = []
     items: list[str] = []
     times: list[float] = []
     for lineno, parts in rows:
+        rows.check_width(lineno, parts, "each row holds the header's columns and no more (remove the extra field, "
+                                        "or name its column in the header)")
         if len(parts) < width:
             raise DataError(
                 f"{inter}, line {lineno}: {len(parts)} tab-separated column(s), the header names at least {width}; "

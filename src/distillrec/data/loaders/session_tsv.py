@@ -15,7 +15,9 @@ distinct ids) the numbering is kept (internal id = file id); otherwise (an id 0,
 YOOCHOOSE ids) the internal id is the rank of the numeric id, noted in the load report.
 
 Files: ``<prefix>_train.tsv`` and ``<prefix>_test.tsv`` in one folder (``prefix``: default the single
-``*_train.tsv``); the first line of each is the header ``session_prefix<TAB>target``, then one row per line.
+``*_train.tsv``); the first line of each is the header ``session_prefix<TAB>target``, then one row per line. A row
+with more fields than the header names is an error naming its line; further columns named in the header are not
+used (noted in the load report).
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ def _read_rows(path: Path, report: LoadReport) -> list[list[str]]:
     rows = TextRows(path, "\t", header=True, report=report)
     cols = rows.columns(["session_prefix", "target"], strip_types=False)
     cp, ct = cols["session_prefix"], cols["target"]
+    unused = rows.unused_columns(["session_prefix", "target"])
+    if unused:
+        report.notes.append(f"{path.name}: column(s) {unused} of the header are not used")
     out = []
     for lineno, parts in rows:
+        rows.check_width(lineno, parts, "each row must be 'prefix item ids<TAB>target item id' (remove the extra "
+                                        "field, or name its column in the header)")
         if len(parts) <= max(cp, ct):
             raise DataError(
                 f"{path}, line {lineno}: {len(parts)} column(s); each row must be 'prefix item ids\\ttarget item id'"
