@@ -187,8 +187,11 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
 
 
 def speed_table(out: Path, seed: int, tpad_run: Path | None, n_users: int) -> str:
-    """Per ranked user, online: MLLM-MSR (preference summary + 21 yes/no scores with the prefix cache) vs a
-    recommender on TPAD embeddings scoring the same 21 candidates; timed here, alone, with one torch thread."""
+    """Online cost per ranked user, timed here alone with one torch thread: MLLM-MSR writes the user's preference
+    summary from its history (no cache: a new history) and scores the 21 candidates (prefix key/value cache); a
+    recommender on TPAD embeddings scores the same 21 candidates (TPAD's embeddings are computed once, offline)."""
+    import shutil
+
     import torch
 
     from distillrec.data.loaders import load_dataset
@@ -196,65 +199,56 @@ def speed_table(out: Path, seed: int, tpad_run: Path | None, n_users: int) -> st
     from distillrec.methods.mllm_msr import pipeline as msr
     from distillrec.methods.mllm_msr.config import load_mllm_msr_config
     from distillrec.methods.mllm_msr.data import MSRData
+    from distillrec.methods.mllm_msr.summaries import SummaryCache, image_key, preference_summaries, summary_key
     from distillrec.runs import load_trained
 
     torch.set_num_threads(1)
     folder = out / f"main-s{seed}"
     rep = json.loads((folder / "report.json").read_text())
-    cfg = load_mllm_msr_config(rep["config"])
+    cfg = load_mllm_msr_config(rep["config"]).model_copy(update={"progress": False})
     ds = load_dataset(cfg.dataset)
     data = MSRData(cfg, ds)
     cands = CandidateSet.load(folder / "candidates" / "test.safetensors", ds)
-    rows = cands.rows[:n_users]
-    items = cands.items[:n_users]
+    sub = CandidateSet(cands.split, cands.rows[:n_users], cands.items[:n_users], cands.seed, cands.n_negatives,
+                       cands.dataset_fingerprint)
+    hist = [data.history(ds.test.histories[r]) for r in sub.rows]
+    summariser = msr.build_model(cfg, data.d_image, summariser=True)
+    if cfg.summarises_images:  # item image summaries are per item, written once: taken from the run's cache
+        items = sorted({i for h in hist for i in h if data.has_image[i]})
+        img, _ = data.images(items)
+        cache = SummaryCache(out / "summaries", "items")
+        model_id = msr.lm_model_id(cfg, summariser, True)
+        data.image_summaries = {i: cache[k] for n, i in enumerate(items) if (k := summary_key(
+            model_id, cfg.image_summary_prompt, cfg.image_summary_tokens, image_key(ds.items.ids[i - 1], img[n])))
+            in cache}
+    tmp = out / "speed_cache"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    prefs, calls = preference_summaries(
+        summariser, SummaryCache(tmp, "p"), hist, data.item_line, "speed", mode=cfg.preference,
+        block_size=cfg.block_size, first_block=cfg.first_block_prompt, next_block=cfg.next_block_prompt,
+        max_new_tokens=cfg.preference_tokens, batch_size=1)
+    t_pref = (time.perf_counter() - t0) / len(hist)
+    shutil.rmtree(tmp, ignore_errors=True)
+    del summariser
     mm = msr.build_model(cfg, data.d_image)
     mm.load_trainable(folder / "recommender" / "final")
-    from distillrec.methods.mllm_msr.summaries import SummaryCache, summary_key  # noqa: F401
-
-    prefs_all = [p for p in rep.get("preference_examples", [])]  # noqa: F841
-    # the preference summaries of these users, regenerated without the cache (the online cost of a new history)
-    hist = [data.history(ds.test.histories[r]) for r in rows]
-    if cfg.summarises_images:
-        cache = SummaryCache(out / "summaries", "items")
-        data.image_summaries = {}
-        img, _ = data.images(sorted({i for h in hist for i in h}))
-        for k, i in enumerate(sorted({i for h in hist for i in h})):
-            from distillrec.methods.mllm_msr.summaries import image_key
-
-            key = summary_key(msr.lm_model_id(cfg, mm, True), cfg.image_summary_prompt, cfg.image_summary_tokens,
-                              image_key(ds.items.ids[i - 1], img[k]))
-            if key in cache:
-                data.image_summaries[i] = cache[key]
-    from distillrec.methods.mllm_msr.summaries import preference_summaries
-
     t0 = time.perf_counter()
-    tmp = out / "speed_cache"
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    prefs, calls = preference_summaries(
-        mm, SummaryCache(tmp, "p"), hist, data.item_line, "speed", mode=cfg.preference, block_size=cfg.block_size,
-        first_block=cfg.first_block_prompt, next_block=cfg.next_block_prompt, max_new_tokens=cfg.preference_tokens,
-        batch_size=1)
-    t_pref = (time.perf_counter() - t0) / len(rows)
-    shutil.rmtree(tmp, ignore_errors=True)
-    t0 = time.perf_counter()
-    s = msr.score_rows(mm, data, prefs, items, cfg.model_copy(update={"progress": False}), adapter="recommender")
-    t_score = (time.perf_counter() - t0) / len(rows)
-    lines = [["MLLM-MSR (recurrent preference + yes/no scoring, kv cache)", fmt_number(t_pref, 3),
+    s = msr.score_rows(mm, data, prefs, sub.items, cfg, adapter="recommender")
+    t_score = (time.perf_counter() - t0) / len(hist)
+    lines = [["MLLM-MSR (recurrent preference summary + 21 yes/no scores, prefix cache)", fmt_number(t_pref, 3),
               fmt_number(t_score, 3), fmt_number(t_pref + t_score, 3), fmt_number(candidate_metrics(s)["auc"], 4)]]
     if tpad_run is not None:
         trained = load_trained(tpad_run)
-        sub = CandidateSet(cands.split, rows, items, cands.seed, cands.n_negatives, cands.dataset_fingerprint)
         t0 = time.perf_counter()
         sc = score_candidates(trained.model, trained.dataset.test, sub, trained.config.train.max_len, batch_size=1)
-        t_rec = (time.perf_counter() - t0) / len(rows)
-        lines.append([f"{trained.config.model.name} on TPAD embeddings (`{tpad_run.name}`, seed {trained.seed})", "0",
-                      fmt_number(t_rec, 5), fmt_number(t_rec, 5), fmt_number(candidate_metrics(sc)["auc"], 4)])
-    return (f"\nOnline cost per ranked user ({len(rows)} test users of seed {seed}, 21 candidates each, one at a time, "
-            "one torch thread, timed alone):\n\n" + markdown_table(
-                ["model", "preference s/user", "scoring s/user", "total s/user", f"auc ({len(rows)} users)"], lines)
-            + f"\n\nMLLM-MSR's LLM calls per user for the preference: {np.mean(calls):.2f}.\n")
+        t_rec = (time.perf_counter() - t0) / len(hist)
+        lines.append([f"{trained.config.model.name} on TPAD embeddings (`{tpad_run.name}`, seed {trained.seed})",
+                      "0", fmt_number(t_rec, 5), fmt_number(t_rec, 5), fmt_number(candidate_metrics(sc)["auc"], 4)])
+    return (f"\nOnline cost per ranked user ({len(hist)} test users of seed {seed}, 21 candidates each, one user at a "
+            "time, one torch thread, timed alone):\n\n" + markdown_table(
+                ["model", "preference s/user", "scoring s/user", "total s/user", f"auc ({len(hist)} users)"], lines)
+            + f"\n\nMLLM-MSR's LLM calls per user for the preference summary: {np.mean(calls):.2f}.\n")
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -19,7 +19,7 @@ from ...data.dataset import Dataset
 from ...data.loaders import load_dataset
 from ...errors import ConfigError
 from ...evaluation.report import fmt_number
-from ...files import atomic_write_text, prepare_out, write_folder_atomically
+from ...files import atomic_write_text, folder_lock, prepare_out, write_folder_atomically
 from ...llm.builder import build_multimodal, multimodal_config
 from ...llm.multimodal import MultimodalLM
 from ...training.stages import Stage
@@ -221,7 +221,8 @@ def main(config_path: str | Path | dict[str, Any], overrides: Sequence[str] = ()
     cfg = load_alignment_config(config_path, overrides)
     if out is not None:
         cfg = cfg.model_copy(update={"out": str(out)})
-    report = pretrain_connector(cfg, restart=restart)
+    with folder_lock(cfg.out):  # released when the run returns, not when the process ends
+        report = pretrain_connector(cfg, restart=restart)
     b, a = report["before"], report["after"]
     print(f"held-out ({report['n_heldout']} items, {a.get('n_keyword_items')} with category words):")
     for name, x in (("before", b), ("after", a)):

@@ -25,7 +25,7 @@ from ...evaluation.candidates import (
     top_n_items,
 )
 from ...evaluation.metrics import mean_ci, mean_metrics, metrics_from_ranks, paired_test
-from ...files import atomic_save_tensors, atomic_write_text, folder_fingerprint, prepare_out
+from ...files import atomic_save_tensors, atomic_write_text, folder_fingerprint, folder_lock, prepare_out
 from ...llm.builder import build_multimodal, multimodal_config
 from ...llm.multimodal import MultimodalLM
 from ...llm.scoring import p_yes, score_yes_no
@@ -76,7 +76,7 @@ def build_model(cfg: MLLMMSRConfig, d_image: int, *, summariser: bool = False) -
 def lm_model_id(cfg: MLLMMSRConfig, mm: MultimodalLM, with_connector: bool) -> str:
     """What a generated text depends on besides its prompt (the cache key)."""
     parts = [cfg.lm.name, cfg.lm.dtype, f"layers={mm.config.num_layers}", f"chat={mm._uses_chat()}",
-             f"system={mm.config.system_prompt}"]
+             f"system={mm.config.system_prompt}", f"autocast={cfg.autocast}"]
     if with_connector:
         parts.append("connector=" + (folder_fingerprint(cfg.connector)[:16] if cfg.connector else f"seed{cfg.seed}"))
     return "|".join(parts)
@@ -223,11 +223,12 @@ def run_mllm_msr(cfg: MLLMMSRConfig | dict, *, stages: Sequence[str] = STAGES, d
         cache = SummaryCache(summary_dir, "items", rank)
         cost = GenerationCost.load(summary_dir / f"items.cost{rank}.json")
         img, _ = data.images(needed)
-        texts = generate_cached(mm, cache, [cfg.image_summary_prompt] * len(needed), lm_model_id(cfg, mm, True),
-                                max_new_tokens=cfg.image_summary_tokens, batch_size=cfg.summary_batch_size,
-                                image_features=list(img), cost=cost,
-                                items=[image_key(ds.items.ids[i - 1], img[k]) for k, i in enumerate(needed)], rank=rank, world=world, progress=cfg.progress,
-                                desc="image summaries", log=log)
+        keys = [image_key(ds.items.ids[i - 1], img[k]) for k, i in enumerate(needed)]
+        with autocast_context(cfg.autocast, mm.device):  # bf16 matmuls: about 2x faster generation on this CPU
+            texts = generate_cached(mm, cache, [cfg.image_summary_prompt] * len(needed), lm_model_id(cfg, mm, True),
+                                    max_new_tokens=cfg.image_summary_tokens, batch_size=cfg.summary_batch_size,
+                                    image_features=list(img), items=keys, cost=cost, rank=rank, world=world,
+                                    progress=cfg.progress, desc="image summaries", log=log)
         cost.save(summary_dir / f"items.cost{rank}.json")
         data.image_summaries = dict(zip(needed, texts))
         report["cost"]["image_summaries"] = {**cost.as_dict(), "items": len(needed), "cut_lines": cache.cut_lines}
@@ -240,10 +241,12 @@ def run_mllm_msr(cfg: MLLMMSRConfig | dict, *, stages: Sequence[str] = STAGES, d
     cache = SummaryCache(summary_dir, "preferences", rank)
     cost = GenerationCost.load(summary_dir / f"preferences.cost{rank}.json")
     flat = [h for s in ("train", "valid", "test") for h in histories[s]]
-    texts, calls = preference_summaries(
-        mm, cache, flat, data.item_line, lm_model_id(cfg, mm, False), mode=cfg.preference, block_size=cfg.block_size,
-        first_block=cfg.first_block_prompt, next_block=cfg.next_block_prompt, max_new_tokens=cfg.preference_tokens,
-        batch_size=cfg.summary_batch_size, cost=cost, rank=rank, world=world, progress=cfg.progress, log=log)
+    with autocast_context(cfg.autocast, mm.device):
+        texts, calls = preference_summaries(
+            mm, cache, flat, data.item_line, lm_model_id(cfg, mm, False), mode=cfg.preference,
+            block_size=cfg.block_size, first_block=cfg.first_block_prompt, next_block=cfg.next_block_prompt,
+            max_new_tokens=cfg.preference_tokens, batch_size=cfg.summary_batch_size, cost=cost, rank=rank,
+            world=world, progress=cfg.progress, log=log)
     cost.save(summary_dir / f"preferences.cost{rank}.json")
     prefs: dict[str, list[str]] = {}
     k = 0
@@ -343,6 +346,7 @@ def main(config_path: str | Path | dict[str, Any], overrides: Sequence[str] = ()
     cfg = load_mllm_msr_config(config_path, overrides)
     if out is not None:
         cfg = cfg.model_copy(update={"out": str(out)})
-    report = run_mllm_msr(cfg, stages=stages, restart=restart)
+    with folder_lock(cfg.out):  # released when the run returns, not when the process ends
+        report = run_mllm_msr(cfg, stages=stages, restart=restart)
     print(render_markdown(report))
     return report

@@ -43,7 +43,7 @@ from torch import nn
 from ...data.dataset import Dataset
 from ...data.loaders import load_dataset
 from ...errors import ConfigError
-from ...files import atomic_save_tensors, atomic_write_text, prepare_out, write_folder_atomically
+from ...files import atomic_save_tensors, atomic_write_text, folder_lock, prepare_out, write_folder_atomically
 from ...llm.builder import build_multimodal, multimodal_config
 from ...llm.multimodal import MultimodalLM
 from ...training.stages import Stage, autocast_context, seeded
@@ -481,6 +481,7 @@ def main(config_path: str | Path | dict[str, Any], overrides: Sequence[str] = ()
     cfg = load_tpad_config(config_path, overrides)
     if out is not None:
         cfg = cfg.model_copy(update={"out": str(out)})
-    report = run_tpad(cfg, stages, restart=restart)
+    with folder_lock(cfg.out):  # released when the run returns, not when the process ends
+        report = run_tpad(cfg, stages, restart=restart)
     print(f"report: {Path(cfg.out) / 'report.md'}")
     return report
