@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -36,6 +36,25 @@ class ModelSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class TeacherConfig(BaseModel):
+    """Knowledge distillation from a teacher's cached logits (``train.teacher``; absent = off, the plain trainer).
+
+    ``path`` names a teacher-logits file (:mod:`distillrec.training.teacher`: training rows, candidate items with the
+    target first, the teacher's logits over them, the dataset fingerprint). Each training batch then adds
+    ``weight * sum_s w_s * temperature^2 * KL(p_teacher^T || p_model^T)`` over the file's rows whose target the batch
+    trains on, both distributions over the same candidates; ``w_s`` = the teacher's probability of the target,
+    normalised to sum 1 over the batch's rows (``confidence``), or 1/rows (``uniform``). Training only: the model, its
+    checkpoints, evaluation and serving are those of a plain run. ``sha256``, when given, must be the file's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    weight: float = Field(1.0, ge=0)  # lambda; 0 trains exactly the plain model
+    temperature: float = Field(1.0, gt=0)
+    weighting: Literal["confidence", "uniform"] = "confidence"
+    sha256: str | None = None
+
+
 class TrainConfig(RuntimeSettings):
     """Training settings; ``num_threads``, ``device`` and ``progress`` are the runtime settings every job shares.
     The recommender trainer runs on the CPU (under torchrun: one process per core); ``device`` may only say so."""
@@ -51,6 +70,7 @@ class TrainConfig(RuntimeSettings):
     # cost about 0.004 test NDCG@10 (README), so they are opt-in
     bucket_by_length: bool = False
     seeds: list[int] = Field(default_factory=lambda: [2024], min_length=1)
+    teacher: TeacherConfig | None = None  # knowledge distillation from cached teacher logits (off by default)
 
     @field_validator("device")
     @classmethod
@@ -110,7 +130,10 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    data = cfg.model_dump(mode="json")
+    if data["train"].get("teacher") is None:  # a plain run's config.yaml is what it was before train.teacher existed
+        data["train"].pop("teacher", None)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # ------------------------------------------------------------------------------------------------------ the folder

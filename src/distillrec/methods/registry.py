@@ -48,6 +48,9 @@ register_method(MethodSpec(
     ("item_summaries", "preferences", "recommender", "evaluate"), "distillrec.methods.mllm_msr.pipeline:main",
     "configs/mllm_msr/demo.yaml"))
 register_method(MethodSpec(
+    "llmd4rec", "LLMD4Rec: mutual distillation between an LLM recommender and a CRM (SASRec), alternating rounds",
+    ("crm_warmup", "rounds", "evaluate"), "distillrec.methods.llmd4rec.pipeline:main", "configs/llmd4rec/demo.yaml"))
+register_method(MethodSpec(
     "align", "connector alignment pretraining: image features -> item text through the frozen LM",
     (), "distillrec.methods.connector_alignment.pipeline:main", "configs/align/demo.yaml"))
 

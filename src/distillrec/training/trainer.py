@@ -38,6 +38,7 @@ from ..models import Recommender, build_model
 from ..runs import RunConfig, RunFolder, check_feature_names, dump_config, evaluate_run, load_run_dataset
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .distributed import barrier, gather_rows, init_distributed, shard
+from .teacher import TeacherHook
 
 
 def peak_rss_mb() -> float:
@@ -116,6 +117,16 @@ def train_one_seed(
             units = np.arange(len(train_examples))
             unit_lengths = np.array([min(len(h), tc.max_len) for h in train_examples.histories])
             make_batch = None
+        # knowledge distillation from cached teacher logits (train.teacher; training.teacher): off by default, and
+        # weight 0 skips it, so a plain run's numbers do not depend on this hook
+        hook = None
+        if tc.teacher is not None:
+            if world > 1:
+                raise ConfigError("train.teacher: distillation runs in one process; run without torchrun")
+            hook = TeacherHook(tc.teacher, dataset, model.train_format, units, tc.max_len)
+            logger.info(f"seed {seed}: teacher {json.dumps(hook.describe())}")
+            if tc.teacher.weight == 0:
+                hook = None
         per_rank_batch = max(1, tc.batch_size // world)
         epoch = state["epoch_done"] + 1
         while not state["finished"] and epoch < tc.epochs:
@@ -128,7 +139,7 @@ def train_one_seed(
             else:
                 batches = [order[i : i + per_rank_batch] for i in range(0, len(order), per_rank_batch)]
             model.train()
-            total, n_batches = 0.0, len(batches)
+            total, kd_total, n_batches = 0.0, 0.0, len(batches)
             bar = tqdm(
                 range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{tc.epochs}", leave=False,
                 disable=not tc.progress or rank != 0, dynamic_ncols=True, mininterval=1.0,
@@ -140,6 +151,11 @@ def train_one_seed(
                 else:
                     batch = example_batch(train_examples, idx, tc.max_len)
                 loss = ddp(batch)
+                if hook is not None:
+                    kd = hook.loss(model, idx)
+                    if kd is not None:
+                        loss = loss + kd
+                        kd_total += float(kd.detach())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip:
@@ -164,6 +180,8 @@ def train_one_seed(
                 {"epoch": epoch + 1, "train_loss": total / max(1, n_batches), f"valid_{select}": score,
                  "epoch_s": round(time.perf_counter() - t0, 3)}
             )
+            if hook is not None:  # the KD term's share of train_loss
+                history[-1]["train_kd"] = kd_total / max(1, n_batches)
             state["history"] = history
             state["epoch_done"] = epoch
             state["train_s"], state["eval_s"] = t_train, t_eval

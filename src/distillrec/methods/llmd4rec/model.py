@@ -1,0 +1,91 @@
+"""The LLM recommender of LLMD4Rec and its two losses.
+
+User state: the final hidden state at ``<TEXT_SUM>`` of the user prompt (history item texts + the CRM's top-k as
+text), through the LM with the ``recommender`` LoRA adapter (the only trainable part). Item embeddings: the same
+state of each item's own prompt through the frozen LM (adapter ``base``), computed once per run, centred over the
+catalogue (the mean item state subtracted: a small LM's states share a large common direction) and L2-normalised.
+Score of item ``i`` for user ``u``: ``llm_scale * <u / |u|, e_i>`` (a fixed scale, no parameter).
+
+LLM step loss of a row with candidates ``C`` (target first):
+``CE(scores over C, target) + lambda_llm * w'_s * T^2 * KL(softmax(z_CRM / T) || softmax(z_LLM / T))`` summed over
+the batch with weights ``w'`` (the CRM's confidence on the target, normalised over the batch;
+:func:`distillrec.training.teacher.kd_weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...llm.multimodal import MultimodalLM
+from ...training.teacher import kd_loss, kd_weights
+
+
+class LLMRecommender:
+    def __init__(self, mm: MultimodalLM, adapter: str, scale: float, user_instruction: str, item_instruction: str):
+        self.mm, self.adapter, self.scale = mm, adapter, scale
+        self.user_instruction, self.item_instruction = user_instruction, item_instruction
+        self.forward_passes = 0  # prompts through the LM (users and items)
+
+    @torch.no_grad()
+    def item_table(self, texts: Sequence[str], batch_size: int, progress: bool = False) -> torch.Tensor:
+        """``[n_items + 1, d]``: row ``i`` = item ``i``'s centred, normalised state (``texts[i]``; row 0 = padding,
+        zeros)."""
+        from tqdm.auto import tqdm
+
+        was = self.mm.training
+        self.mm.eval()
+        rows = []
+        for s in tqdm(range(1, len(texts), batch_size), desc="item states", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
+            batch = list(texts[s:s + batch_size])
+            rows.append(self.mm.embed(batch, adapter="base", instruction=self.item_instruction)["text"].cpu())
+            self.forward_passes += len(batch)
+        self.mm.train(was)
+        return centred_table(torch.cat(rows))
+
+    def user_states(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[B, d]`` normalised user states (gradients through LoRA when enabled)."""
+        self.forward_passes += len(texts)
+        h = self.mm.embed(list(texts), adapter=self.adapter, instruction=self.user_instruction)["text"]
+        return F.normalize(h.float(), dim=-1)
+
+    def candidate_scores(self, states: torch.Tensor, table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return candidate_scores(states, table, candidates, self.scale)
+
+    def full_scores(self, states: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``[B, n_items + 1]`` (column 0 = padding, ``-inf``)."""
+        s = self.scale * states @ table.to(states.device).T
+        s[:, 0] = -torch.inf
+        return s
+
+
+def centred_table(states: torch.Tensor) -> torch.Tensor:
+    """Item states ``[n, d]`` -> ``[n + 1, d]``: the mean state subtracted, rows L2-normalised, a zero padding row."""
+    x = states.float()
+    x = F.normalize(x - x.mean(0, keepdim=True), dim=-1)
+    return torch.cat([torch.zeros(1, x.shape[1]), x])
+
+
+def candidate_scores(states: torch.Tensor, table: torch.Tensor, candidates: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """``[B, C]``: ``scale * <state_b, table[candidates[b, c]]>``."""
+    emb = table.to(states.device)[candidates.to(states.device)]  # [B, C, d]
+    return scale * torch.einsum("bd,bcd->bc", states, emb)
+
+
+def llm_step_loss(scores: torch.Tensor, crm_logits: torch.Tensor | None, *, lam: float, temperature: float,
+                  weighting: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """The LLM step's loss on a batch: cross-entropy with the target in column 0, plus (``crm_logits`` given and
+    ``lam > 0``) ``lam * sum_s w'_s T^2 KL(p_CRM^T || p_LLM^T)``."""
+    ce = F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
+    parts = {"llm_ce": float(ce.detach())}
+    loss = ce
+    if crm_logits is not None and lam > 0:
+        crm = crm_logits.to(scores.device)
+        kd = kd_loss(scores, crm, temperature, kd_weights(crm, weighting))
+        loss = ce + lam * kd
+        parts["llm_kd"] = float(kd.detach())
+    return loss, parts
