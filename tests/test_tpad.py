@@ -258,26 +258,9 @@ def test_embeddings_attach_to_a_dataset_by_id(full_run):
 
 # ------------------------------------------------------------------------------------------ a planted transition
 def _planted_catalogue(root, n=40, users=300, length=6, seed=0):
-    """An S3-Rec-format catalogue whose sessions walk one hidden cycle through all items: the next item is fixed by
-    the cycle and unrelated to the item's text (random words) or its 'image' (a random one-hot attribute)."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    perm = rng.permutation(np.arange(1, n + 1))
-    nxt = {int(a): int(b) for a, b in zip(perm, np.roll(perm, -1))}
-    lines = []
-    for u in range(1, users + 1):
-        i = int(rng.integers(1, n + 1))
-        seq = [i]
-        for _ in range(length - 1):
-            i = nxt[i]
-            seq.append(i)
-        lines.append(" ".join(map(str, [u, *seq])))
-    (root / "Toy.txt").write_text("\n".join(lines) + "\n")
-    words = "amber basil cedar delta ember fjord gamma heron indigo jasper koala lemon maple nectar onyx".split()
-    meta = ["item_id\tidgen_textual_id"] + [f"{k}\t{rng.choice(words)} {rng.choice(words)} {k}" for k in range(1, n + 1)]
-    (root / "toy_item_meta.tsv").write_text("\n".join(meta) + "\n")
-    (root / "Toy_item2attributes.json").write_text(json.dumps({str(k): [int(rng.integers(1, 9))]
-                                                               for k in range(1, n + 1)}))
+    from distillrec.data.synthetic import write_planted_transitions
+
+    return write_planted_transitions(root, n, users, length, seed)
 
 
 def test_a_planted_transition_reaches_the_transfer_states_and_the_probe_reports_where_it_is(tmp_path):

@@ -489,3 +489,30 @@ def load_demo(path: Path | str | None = None, **options: Any) -> Dataset:
 
 
 known_dataset("demo", "demo", None)
+
+
+def write_planted_transitions(root: str | Path, n: int = 40, users: int = 300, length: int = 6, seed: int = 0) -> Path:
+    """An S3-Rec-format catalogue (``Toy.txt``, ``toy_item_meta.tsv``, ``Toy_item2attributes.json``) whose sessions
+    walk one hidden cycle through all ``n`` items: the next item is fixed by the cycle and unrelated to the item's text
+    (random words) or its "image" (a random one-hot attribute). A transition probe of the raw features is at chance
+    on it; a representation that learnt the transitions is not (tests/test_tpad.py, benchmarks/tpad_planted.py)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    perm = rng.permutation(np.arange(1, n + 1))
+    nxt = {int(a): int(b) for a, b in zip(perm, np.roll(perm, -1))}
+    lines = []
+    for u in range(1, users + 1):
+        i = int(rng.integers(1, n + 1))
+        seq = [i]
+        for _ in range(length - 1):
+            i = nxt[i]
+            seq.append(i)
+        lines.append(" ".join(map(str, [u, *seq])))
+    (root / "Toy.txt").write_text("\n".join(lines) + "\n")
+    words = "amber basil cedar delta ember fjord gamma heron indigo jasper koala lemon maple nectar onyx".split()
+    meta = ["item_id\tidgen_textual_id"] + [f"{k}\t{rng.choice(words)} {rng.choice(words)} {k}" for k in range(1, n + 1)]
+    (root / "toy_item_meta.tsv").write_text("\n".join(meta) + "\n")
+    (root / "Toy_item2attributes.json").write_text(json.dumps({str(k): [int(rng.integers(1, 9))]
+                                                               for k in range(1, n + 1)}))
+    return root
