@@ -107,25 +107,28 @@ def load_scores(folder: Path, name: str) -> np.ndarray:
     return load_file(str(folder / "scores" / f"{name}.safetensors"))["scores"].numpy()
 
 
-def results_table(out: Path, variants: list[str], seeds: list[int], baselines: dict[str, Path]) -> str:
+def results_table(out: Path, variants: list[str], seeds: list[int], baselines: dict[str, Path],
+                  ablation_seeds: list[int]) -> str:
     from distillrec.data.loaders import load_dataset
 
-    reports = {(v, s): json.loads((out / f"{v}-s{s}" / "report.json").read_text()) for v in variants for s in seeds}
+    seeds_of = {v: seeds if v == "main" else ablation_seeds for v in variants}
+    reports = {(v, s): json.loads((out / f"{v}-s{s}" / "report.json").read_text()) for v in variants
+               for s in seeds_of[v]}
     ds = load_dataset(reports[(variants[0], seeds[0])]["config"]["dataset"])
     counts = ds.item_train_counts()
     rows, per_user = [], {}
     for v in variants:
-        per_seed = [reports[(v, s)]["metrics"]["test"] for s in seeds]
-        valid = [reports[(v, s)]["metrics"]["valid"]["auc"] for s in seeds]
-        cold = [reports[(v, s)]["metrics"]["test"].get("cold", {}).get("hr@5") for s in seeds]
-        rows.append([f"MLLM-MSR {v}" if v != "main" else "MLLM-MSR", fmt_number(mean_ci(valid)["mean"], 4,
+        vs = seeds_of[v]
+        per_seed = [reports[(v, s)]["metrics"]["test"] for s in vs]
+        valid = [reports[(v, s)]["metrics"]["valid"]["auc"] for s in vs]
+        cold = [reports[(v, s)]["metrics"]["test"].get("cold", {}).get("hr@5") for s in vs]
+        rows.append([(f"MLLM-MSR {v}" if v != "main" else "MLLM-MSR") + f" ({len(vs)} seeds)", fmt_number(mean_ci(valid)["mean"], 4,
                                                                                mean_ci(valid)["ci95"]),
                      *(fmt_number(mean_ci([m[k] for m in per_seed])["mean"], 4,
                                   mean_ci([m[k] for m in per_seed])["ci95"]) for k in METRICS),
                      fmt_number(mean_ci([c for c in cold if c is not None])["mean"], 4) if any(
                          c is not None for c in cold) else "–"])
-        per_user[v] = {k: np.concatenate([per_row_candidate_metrics(load_scores(out / f"{v}-s{s}", "test"))[k]
-                                          for s in seeds]) for k in METRICS}
+        per_user[v] = {s: per_row_candidate_metrics(load_scores(out / f"{v}-s{s}", "test")) for s in vs}
     zs = [reports[("main", s)]["metrics"].get("zero_shot_test") for s in seeds]
     if all(zs):
         rows.append(["LM without SFT (zero-shot)", "–", *(fmt_number(mean_ci([m[k] for m in zs])["mean"], 4,
@@ -152,15 +155,19 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
                      *(fmt_number(mean_ci([m[k] for m in seed_means])["mean"], 4,
                                   mean_ci([m[k] for m in seed_means])["ci95"]) for k in METRICS),
                      fmt_number(float(np.mean(cold_means)), 4) if cold_means else "–"])
+        main_users = {k: np.concatenate([per_user["main"][s][k] for s in seeds]) for k in METRICS}
         for k in ("auc", "hr@5", "mrr@5"):
-            t = paired_test(per_user["main"][k], users[k], k)
+            t = paired_test(main_users[k], users[k], k)
             paired_rows.append([name, k, fmt_number(t.mean_a, 4), fmt_number(t.mean_b, 4),
                                 fmt_number(t.mean_diff, 4), fmt_number(t.t_pvalue, 3),
                                 fmt_number(t.wilcoxon_pvalue, 3)])
     for v in variants[1:]:
+        common = [s for s in seeds_of[v] if s in seeds]
         for k in ("auc", "hr@5"):
-            t = paired_test(per_user[v][k], per_user["main"][k], k)
-            paired_rows.append([f"MLLM-MSR {v} vs main", k, fmt_number(t.mean_a, 4), fmt_number(t.mean_b, 4),
+            a = np.concatenate([per_user[v][s][k] for s in common])
+            b = np.concatenate([per_user["main"][s][k] for s in common])
+            t = paired_test(a, b, k)
+            paired_rows.append([f"MLLM-MSR {v} vs main (seeds {common})", k, fmt_number(t.mean_a, 4), fmt_number(t.mean_b, 4),
                                 fmt_number(t.mean_diff, 4), fmt_number(t.t_pvalue, 3),
                                 fmt_number(t.wilcoxon_pvalue, 3)])
     r0 = reports[("main", seeds[0])]
@@ -256,6 +263,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--dataset", default="amazon2018-scientific-mm")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
+                    help="the seeds of the variants other than main (default: --seeds)")
     ap.add_argument("--baselines", nargs="*", default=["sasrec", "gru4rec"])
     ap.add_argument("--baseline-dir", type=Path, default=None, help="where finished baseline run folders are")
     ap.add_argument("--baseline-seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -289,14 +298,16 @@ def main(argv: list[str] | None = None) -> str:
     if rerank:
         main_extra.append(f"rerank={baselines[rerank]}")
     deps = [j["name"] for j in jobs]
+    ablation_seeds = args.ablation_seeds or args.seeds
     for v in variants:  # the main variant of every seed first: the others reuse its image summaries
-        for s in args.seeds:
+        for s in (args.seeds if v == "main" else ablation_seeds):
             jobs.append(msr_job(short, v, s, out, args.set + (main_extra if v == "main" else []),
                                 deps if v == "main" else [f"main-s{s}"]))
     run_jobs(jobs, args.workers, out)
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"# MLLM-MSR results: {args.dataset}\n\nCommand: `python benchmarks/mllm_msr_results.py {cmd}`\n\n"
-            + results_table(out, ["main"] + [v for v in variants if v != "main"], args.seeds, baselines))
+            + results_table(out, ["main"] + [v for v in variants if v != "main"], args.seeds, baselines,
+                            ablation_seeds))
     if args.speed:
         text += speed_table(out, args.seeds[0], args.tpad_run, args.speed_users)
     res = ROOT / "benchmarks" / "results"
