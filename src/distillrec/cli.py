@@ -164,6 +164,39 @@ def recommend(
 
 
 @command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: a free one; the address is printed)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Which seed's model (default: the run's first seed)."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads for scoring."),
+    max_batch: int = typer.Option(64, "--max-batch", help="The most waiting requests scored in one batch."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+):
+    """HTTP API (POST /recommend, /recommend/batch; GET /health, /items, /items/{id}; docs at /docs) and a web page
+    (/) over a run's best-validation model; concurrent requests are scored in micro-batches."""
+    try:
+        from .serving.app import serve as run_server
+    except ImportError as e:
+        raise ConfigError(f"`distillrec serve` needs the [serve] extra ({e.name} is missing): "
+                          "pip install 'distillrec[serve]'") from None
+    from .config import set_num_threads
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: give a port between 0 and 65535 (0: a free one)")
+    if threads < 1 or max_batch < 1:
+        raise ConfigError(f"--threads {threads} / --max-batch {max_batch}: give at least 1")
+    set_num_threads(threads)
+
+    def announce(line: str) -> None:  # the address, flushed: a script or test waits for this line
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+        console.file.flush()
+
+    run_server(run_dir, host=host, port=port, seed=seed, max_batch=max_batch, access_log=access_log,
+               announce=announce)
+
+
+@command()
 def embed(
     config: Path = typer.Argument(..., help="Embedding configuration (YAML), e.g. configs/embed/demo-smollm2.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set batch_size=8 (repeatable)."),

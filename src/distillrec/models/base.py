@@ -38,6 +38,13 @@ class Recommender(nn.Module):
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
+    @property
+    def content_item_vectors(self) -> bool:
+        """Whether an item never seen in training still gets a vector from its content (frozen item features), so
+        that it can be recommended and read in a session (cold start). Serving asks this: a model that says no has
+        nothing learnt about such an item, and serving neither recommends it nor reads it."""
+        return False
+
     def fit(self, dataset: Dataset) -> None:
         """Collect statistics from the training sequences (Pop, SKNN, co-occurrence graphs). Default: nothing."""
 

@@ -287,6 +287,10 @@ class DIMO(CachedItemTables, Recommender):
         self.register_buffer("row_mask", padding_row_mask(n), persistent=False)
         self._fitted = False
 
+    @property
+    def content_item_vectors(self) -> bool:
+        return self.adapter is not None  # the modality view over frozen features (not with features: [])
+
     # ----------------------------------------------------------------------------------------------- statistics
 
     def fit(self, dataset: Dataset) -> None:

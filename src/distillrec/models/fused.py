@@ -79,6 +79,10 @@ class FusedItems(CachedItemTables):
         # in evaluation (eval(), no autograd): built once per pass, see models.features.CachedItemTables
         return self.cached_item_tables(self._fused_table)
 
+    @property
+    def content_item_vectors(self) -> bool:
+        return True  # every item's vector has its features' part, trained or not
+
 
 @register_model("fused_gru4rec")
 class FusedGRU4Rec(FusedItems, GRU4Rec):
