@@ -123,7 +123,7 @@ class TrainedRecommender:
         return Query(tuple(session), int(k), readable[truncated:], np.unique(ids) if exclude_seen else ids[:0],
                      cold, ignored, truncated)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def top_k(self, queries: Sequence[Query]) -> list[Ranked]:
         """The top items of every query: the readable sessions scored together in one batch."""
         out: list[Ranked | None] = [None] * len(queries)
