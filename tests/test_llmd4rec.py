@@ -87,6 +87,12 @@ def test_the_llm_step_loss_by_hand():
     kd = float(((q / q.sum()) * (pc * np.log(pc / pl)).sum(-1)).sum() * 4)  # KL(p_CRM || p_LLM)
     assert parts["llm_kd"] == pytest.approx(kd, rel=1e-5)
     assert loss.item() == pytest.approx(ce + 0.5 * kd, rel=1e-5)
+    # uniform negatives (extra columns) enter the cross-entropy, not the KL term
+    wide = torch.cat([scores, torch.tensor([[1.0], [-1.0]])], 1)
+    loss2, parts2 = llm_step_loss(wide, crm, lam=0.5, temperature=2.0, weighting="confidence")
+    assert parts2["llm_kd"] == pytest.approx(kd, rel=1e-5)
+    ce2 = float(np.mean([-np.log(_softmax(wide.numpy())[i, 0]) for i in range(2)]))
+    assert parts2["llm_ce"] == pytest.approx(ce2, rel=1e-5)
 
 
 def test_item_table_is_centred_and_scores_are_scaled_cosines():
@@ -336,8 +342,13 @@ def test_config_errors_name_the_key(full_run, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(out, work)
     changed = tiny_cfg(work, crm={"model": SASREC, "train": {**CRM_TRAIN, "epochs": 4}})
-    with pytest.raises(ConfigError, match="train.epochs"):
+    with pytest.raises(ConfigError, match="another config.*crm.train.epochs"):
         d4.run_llmd4rec(changed, **QUIET)
+    with pytest.raises(ConfigError, match="another config.*llm.lr"):
+        d4.run_llmd4rec(tiny_cfg(work, llm={"epochs": 1, "batch_size": 8, "lr": 2e-3}), **QUIET)
+    # runtime settings and the number of ranked users change no cached result: accepted
+    again = d4.run_llmd4rec(tiny_cfg(work, eval_users=10, num_threads=1), **QUIET)
+    assert again["llm"]["test"]["n"] == 10
 
 
 def test_registered_as_a_method():

@@ -23,8 +23,7 @@ RESERVED_BY = "the LLMD4Rec run (d_image, adapters, item_template)"
 # text-only prompts: the (frozen, learned) "no image" soft token stands where an image would be
 ITEM_TEMPLATE = "{instruction}{image}{img_sum}\n{text}{text_sum}"
 
-USER_INSTRUCTION = "A shopper's history, oldest first. Summarise what the shopper will buy next."
-ITEM_INSTRUCTION = "A shop item. Summarise it."
+USER_INSTRUCTION = "A shopper's suggestions and history, the latest item last. Summarise what the shopper will buy next."
 HISTORY_LINE = "{k}. {text}"
 SUGGESTIONS = "A recommender suggests: {items}."
 
@@ -65,10 +64,11 @@ class LLMD4RecConfig(JobSettings):
     history_len: int = Field(8, ge=1)  # the last items of a history in the prompt
     augment_top_k: int = Field(5, ge=0)  # the CRM's top-k items in the prompt as text (0: no augmentation)
     user_instruction: str = USER_INSTRUCTION
-    item_instruction: str = ITEM_INSTRUCTION
+    item_instruction: str | None = None  # None: the user instruction (an item is embedded as a 1-item history)
     history_line: str = HISTORY_LINE
     suggestions: str = SUGGESTIONS
-    llm_scale: float = Field(20.0, gt=0)  # LLM score = llm_scale * cos(user state, item embedding); fixed
+    llm_scale: float = Field(5.0, gt=0)  # LLM score = llm_scale * cos(user state, item embedding); fixed
+    llm_negatives: int = Field(20, ge=0)  # items drawn uniformly per row, added to the LLM's own CE (not to the KL)
     item_batch_size: int = Field(32, ge=1)
     score_batch_size: int = Field(16, ge=1)
 

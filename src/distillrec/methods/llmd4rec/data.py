@@ -52,13 +52,17 @@ class D4Data:
         return np.sort(rng.choice(n, m, replace=False)).astype(np.int64)
 
     # ---------------------------------------------------------------------------------------------- the prompts
+    def item_prompt_texts(self) -> list[str]:
+        """Each item's prompt text (index 0 = padding): the item as a one-item history, so that before training a
+        user state whose history ends with item ``i`` is close to item ``i``'s embedding."""
+        return [""] + [self.cfg.history_line.format(k=1, text=t) for t in self.texts[1:]]
+
     def user_text(self, history: np.ndarray, suggestions: np.ndarray | list[int]) -> str:
-        """The history's last ``history_len`` items (oldest first), then the CRM's suggestions (information
-        augmentation, ``augment_top_k`` items, best first)."""
+        """The CRM's suggestions (information augmentation, ``augment_top_k`` items, best first), then the history's
+        last ``history_len`` items, oldest first: the prompt ends with the most recent item."""
         cfg = self.cfg
         items = [int(i) for i in history[-cfg.history_len:]]
-        lines = [cfg.history_line.format(k=k + 1, text=self.texts[i]) for k, i in enumerate(items)]
         sugg = [int(i) for i in list(suggestions)[: cfg.augment_top_k]]
-        if sugg:
-            lines.append(cfg.suggestions.format(items="; ".join(self.texts[i] for i in sugg)))
+        lines = [cfg.suggestions.format(items="; ".join(self.texts[i] for i in sugg))] if sugg else []
+        lines += [cfg.history_line.format(k=k + 1, text=self.texts[i]) for k, i in enumerate(items)]
         return "\n".join(lines)

@@ -155,17 +155,19 @@ def item_table(cfg: LLMD4RecConfig, rec: LLMRecommender, data: D4Data, path: Pat
     """The LLM's own item embeddings (frozen LM, one pass per item), cached at ``path``."""
     from safetensors.torch import load_file
 
+    texts = data.item_prompt_texts()
     key = config_key({"lm": cfg.lm.model_dump(mode="json"), "multimodal": cfg.multimodal,
-                      "texts": config_key(data.texts), "instruction": cfg.item_instruction})
+                      "texts": config_key(texts), "instruction": rec.item_instruction})
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
-        return load_file(str(path))["table"], json.loads(meta_path.read_text())["cost"]
+        return rec.set_items(load_file(str(path))["states"]), json.loads(meta_path.read_text())["cost"]
     t0 = time.perf_counter()
     before = rec.forward_passes
-    table = rec.item_table(data.texts, cfg.item_batch_size, cfg.progress)
+    states = rec.item_states(texts, cfg.item_batch_size, cfg.progress)
+    table = rec.set_items(states)
     cost = {"forward_passes": rec.forward_passes - before, "seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_mb": peak_rss_mb()}
-    atomic_save_tensors(path, {"table": table})
+    atomic_save_tensors(path, {"states": states})
     atomic_write_text(meta_path, json.dumps({"key": key, "cost": cost}))
     log(f"item states: {len(data.texts) - 1} items in {cost['seconds']:.1f}s")
     return table, cost
@@ -185,6 +187,28 @@ def llm_states(cfg: LLMD4RecConfig, rec: LLMRecommender, prompts: Sequence[str],
             out.append(rec.user_states(prompts[s:s + bs]).float().cpu())
     rec.mm.train(was)
     return torch.cat(out) if out else torch.zeros(0, rec.mm.hidden_size)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_same_key(out: Path, key: dict[str, Any]) -> None:
+    """A folder holding rounds of another config is refused (its cached candidates, LoRA and teacher logits would
+    not be this config's), naming the differing keys."""
+    path = out / "config.json"
+    if not path.is_file() or not any((out / p).exists() for p in ("llm", "rounds", "eval")):
+        return
+    try:
+        old = json.loads(path.read_text()).get("key", {})
+    except ValueError:
+        return
+    diff = _diff(old, json.loads(json.dumps(key)))
+    if diff:
+        raise ConfigError(f"'{out}' holds an LLMD4Rec run of another config (differs in {', '.join(diff)}); use "
+                          "another --out, or --restart to replace it")
 
 
 def read_cost(path: Path) -> dict[str, Any]:
@@ -209,6 +233,7 @@ def run_llmd4rec(cfg: LLMD4RecConfig | dict, *, stages: Sequence[str] = STAGES, 
                           "without torchrun")
     out = prepare_out(Path(cfg.out), OUTPUTS, restart=restart, marker="config.json")
     key = {**cfg.model_dump(mode="json", exclude=_NOT_IN_KEY), "crm_seed": cfg.crm_seeds[0]}
+    check_same_key(out, key)
     atomic_write_text(out / "config.json", json.dumps({"config": cfg.model_dump(mode="json"), "key": key}, indent=1))
     ds = dataset if dataset is not None else load_dataset(cfg.dataset)
     if cfg.n_candidates >= ds.n_items:
@@ -236,7 +261,8 @@ def run_llmd4rec(cfg: LLMD4RecConfig | dict, *, stages: Sequence[str] = STAGES, 
     t0 = time.perf_counter()
     mm = build_lm(cfg)
     report["cost"]["load_lm_s"] = round(time.perf_counter() - t0, 2)
-    rec = LLMRecommender(mm, ADAPTER, cfg.llm_scale, cfg.user_instruction, cfg.item_instruction)
+    rec = LLMRecommender(mm, ADAPTER, cfg.llm_scale, cfg.user_instruction,
+                         cfg.item_instruction if cfg.item_instruction is not None else cfg.user_instruction)
     table, report["cost"]["item_states"] = item_table(cfg, rec, data, out / "llm" / "items.safetensors", log)
     examples = data.distill_examples()
     crm_max_len = cfg.crm_run_config([seed0]).train.max_len
@@ -275,7 +301,11 @@ def run_llmd4rec(cfg: LLMD4RecConfig | dict, *, stages: Sequence[str] = STAGES, 
             def step(idx: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
                 rows = data.llm_rows[idx]
                 u = rec.user_states([prompts[k] for k in rows])
-                s = rec.candidate_scores(u, table, cands_t[rows])
+                c = cands_t[rows]
+                if cfg.llm_negatives:  # uniform items for the LLM's own loss (the step's seeded rng: resumable)
+                    neg = rng.integers(1, ds.n_items + 1, size=(len(rows), cfg.llm_negatives))
+                    c = torch.cat([c, torch.from_numpy(neg)], 1)
+                s = rec.candidate_scores(u, table, c)
                 loss, parts = llm_step_loss(s, crm_logits_t[rows] if mutual else None, lam=cfg.lambda_llm,
                                             temperature=cfg.temperature, weighting=cfg.weighting)
                 loss.backward()
@@ -335,8 +365,8 @@ def run_llmd4rec(cfg: LLMD4RecConfig | dict, *, stages: Sequence[str] = STAGES, 
         ex = getattr(ds, split)
         rows = data.eval_rows(split)
         path = out / "eval" / f"llm_{split}.safetensors"
-        if path.is_file():
-            saved = load_tensors(path)
+        saved = load_tensors(path) if path.is_file() else None
+        if saved is not None and np.array_equal(saved["rows"], rows):  # computed for these rows: reused
             e_cost = read_cost(path.with_suffix(".json"))
         else:
             t0 = time.perf_counter()
