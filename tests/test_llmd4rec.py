@@ -186,6 +186,11 @@ def test_the_hook_off_or_at_weight_zero_is_the_plain_trainer_and_on_it_distils(t
             s = m.score({"history": hist, "lengths": lengths})
         mean_rank[name] = float((s[:, 1:] > s[:, 5:6]).sum(1).float().mean())
     assert mean_rank["on"] < mean_rank["plain"]
+    # GRU4Rec, the second CRM, takes the same hook
+    gru = {"model": {"name": "gru4rec", "params": {"embedding_size": 16, "hidden_size": 16}}, "dataset": DEMO,
+           "train": {**CRM_TRAIN, "epochs": 1, "seeds": [3], "progress": False}}
+    m = run(load_config(gru, [f"train.teacher={{path: {path}, weight: 1.0}}"]), tmp_path / "gru", dataset=ds)
+    assert m["seeds"][0]["history"][0]["train_kd"] > 0
 
 
 def test_teacher_file_problems_name_the_file_and_the_fix(tmp_path):
