@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--seeded-variants", nargs="*", default=["full", "na"],
                     help="the variants that get the --tpad-seeds (default: full na, the issue-10 main variant and "
                          "TPAD-NA; the other ablations keep the recipe's one TPAD seed)")
+    ap.add_argument("--seeded-dimo-only", action="store_true",
+                    help="the extra TPAD seeds feed DIMO on h only (not fused SASRec/GRU4Rec, not D_L(h))")
     args = ap.parse_args(argv)
     short = args.dataset.removeprefix("amazon2018-")
     out = args.out or ROOT / "runs" / "results" / short
@@ -309,8 +311,9 @@ def main(argv: list[str] | None = None) -> str:
         emb = out / "tpad" / v / "embeddings"
         sets = [f"dataset.embeddings={json.dumps({'tpad': str(emb)})}", "model.params.features=[tpad_image,tpad_text]"]
         runs = [(m, f"{m}_tpad" + ("" if base == "full" else f"_{base}"), sets[1:])
-                for m in (["dimo", "fused_sasrec", "fused_gru4rec"] if base == "full" else ["dimo"])]
-        if base != "single":  # DIMO on h and the distilled D_L(h)
+                for m in (["dimo", "fused_sasrec", "fused_gru4rec"] if base == "full" and not (
+                    seed is not None and args.seeded_dimo_only) else ["dimo"])]
+        if base != "single" and not (seed is not None and args.seeded_dimo_only):  # DIMO on h and D_L(h)
             runs.append(("dimo", "dimo_tpad_dl" + ("" if base == "full" else f"_{base}"),
                          ["model.params.features=[tpad_image,tpad_text,tpad_distilled]"]))
         for model, name, feats in runs:
