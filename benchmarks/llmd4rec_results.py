@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from distillrec.evaluation.report import MISSING, fmt_number, markdown_table  # noqa: E402
+from distillrec.methods.llmd4rec.report import fmt_p  # noqa: E402
 
 SHORT = {"amazon2018-scientific-text": "scientific-text", "amazon2014-beauty": "beauty", "demo": "demo"}
 ANCHORS = {  # shared/reference/anchors.md, section 2.1 and 2.4 (full ranking, S3-Rec's Beauty split)
@@ -91,9 +92,9 @@ def crm_table(reports: dict[str, dict]) -> str:
         c = rep["crm"]
         o, t, tc = c["other"], c["paired"], c.get("paired_cold") or {}
         rows.append([LABEL.get(variant, variant), o["model"], len(o["seeds"]), _ci(o["test"]["hr@10"]),
-                     _ci(o["test"]["ndcg@10"]), f"{t['mean_diff']:+.4f}", fmt_number(t["t_pvalue"], 3),
-                     fmt_number(t["wilcoxon_pvalue"], 3), _ci(o["cold"]),
-                     f"{tc['mean_diff']:+.4f}" if tc else MISSING, fmt_number(tc.get("t_pvalue"), 3),
+                     _ci(o["test"]["ndcg@10"]), f"{t['mean_diff']:+.4f}", fmt_p(t["t_pvalue"]),
+                     fmt_p(t["wilcoxon_pvalue"]), _ci(o["cold"]),
+                     f"{tc['mean_diff']:+.4f}" if tc else MISSING, fmt_p(tc.get("t_pvalue")),
                      f"{o['params']:,}" + ("" if c["same_shapes"] else " (shapes differ!)")])
     header = ["run", "CRM", "seeds", "test HR@10", "test NDCG@10", "Δ NDCG@10 vs plain", "paired t p",
               "Wilcoxon p", f"cold NDCG@10 (n={first['n_cold']})", "cold Δ", "cold t p", "parameters"]

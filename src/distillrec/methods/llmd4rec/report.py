@@ -9,6 +9,13 @@ from typing import Any
 from ...evaluation.report import MISSING, fmt_number, markdown_table
 
 
+def fmt_p(p: float | None) -> str:
+    """A p-value: three decimals, or two significant digits below 0.001."""
+    if p is None:
+        return MISSING
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
 def _ci(d: dict[str, Any] | None, digits: int = 4) -> str:
     if not d:
         return MISSING
@@ -24,9 +31,9 @@ def crm_rows(crm: dict[str, Any], names: tuple[str, str] = ("plain", "distilled"
         tc = crm.get("paired_cold") if key == "other" else None
         rows.append([label, r["model"], len(r["seeds"]), _ci(r["test"]["hr@10"]), _ci(r["test"]["ndcg@10"]),
                      _ci(r["test"]["ndcg@20"]),
-                     f"{t['mean_diff']:+.4f}" if t else MISSING, fmt_number(t["t_pvalue"], 3) if t else MISSING,
-                     fmt_number(t["wilcoxon_pvalue"], 3) if t else MISSING, _ci(r["cold"]),
-                     fmt_number(tc["t_pvalue"], 3) if tc else MISSING, f"{r['params']:,}",
+                     f"{t['mean_diff']:+.4f}" if t else MISSING, fmt_p(t["t_pvalue"]) if t else MISSING,
+                     fmt_p(t["wilcoxon_pvalue"]) if t else MISSING, _ci(r["cold"]),
+                     fmt_p(tc["t_pvalue"]) if tc else MISSING, f"{r['params']:,}",
                      fmt_number(r["test_rank_s"], 2)])
     return rows
 
@@ -71,8 +78,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"with the LLM's own item embeddings; and re-ranking the CRM's top-{cfg['n_candidates']}: a target "
                   "outside keeps the CRM's rank):", "",
                   markdown_table(["", *ks, f"cold NDCG@10 (n={t['n_cold']})"], rows), "",
-                  f"Re-ranked − CRM NDCG@10 {fmt_number(p['mean_diff'], 4)} (t p {fmt_number(p['t_pvalue'], 3)}, "
-                  f"Wilcoxon p {fmt_number(p['wilcoxon_pvalue'], 3)}); valid: full "
+                  f"Re-ranked − CRM NDCG@10 {fmt_number(p['mean_diff'], 4)} (t p {fmt_p(p['t_pvalue'])}, "
+                  f"Wilcoxon p {fmt_p(p['wilcoxon_pvalue'])}); valid: full "
                   f"{fmt_number(llm['valid']['full'].get('ndcg@10'), 4)}, re-rank "
                   f"{fmt_number(llm['valid']['rerank'].get('ndcg@10'), 4)}, CRM "
                   f"{fmt_number(llm['valid']['crm'].get('ndcg@10'), 4)} NDCG@10.", ""]
