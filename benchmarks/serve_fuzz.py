@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -165,9 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.rounds > 200 or args.max_examples > 1000 or args.max_time > 1800:
         raise SystemExit("bounded: at most 200 rounds, 1000 examples per operation, 1800 s of schemathesis")
-    cmd = "python benchmarks/serve_fuzz.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cmd = " ".join(["python benchmarks/serve_fuzz.py", *map(shlex.quote, argv or sys.argv[1:])])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(args.run, 64, args.out.with_suffix(".server.log"))
+    server = ServerProcess(args.run, 64, Path(tempfile.gettempdir()) / f"serve_fuzz.{os.getpid()}.server.log")
     try:
         import httpx
 
