@@ -299,10 +299,9 @@ def main(argv: list[str] | None = None) -> str:
         main_extra.append(f"rerank={baselines[rerank]}")
     deps = [j["name"] for j in jobs]
     ablation_seeds = args.ablation_seeds or args.seeds
-    for v in variants:  # the main variant of every seed first: the others reuse its image summaries
+    for v in variants:  # the main variant of every seed first (the summary cache is shared)
         for s in (args.seeds if v == "main" else ablation_seeds):
-            jobs.append(msr_job(short, v, s, out, args.set + (main_extra if v == "main" else []),
-                                deps if v == "main" else [f"main-s{s}"]))
+            jobs.append(msr_job(short, v, s, out, args.set + (main_extra if v == "main" else []), deps))
     run_jobs(jobs, args.workers, out)
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"# MLLM-MSR results: {args.dataset}\n\nCommand: `python benchmarks/mllm_msr_results.py {cmd}`\n\n"
