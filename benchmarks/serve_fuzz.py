@@ -131,6 +131,10 @@ def run_schemathesis(port: int, max_examples: int, max_time: int, seed: int, rep
             "summary": summary[-12:], "tail": proc.stdout[-4000:]}
 
 
+def _every_tenth(xs: list[float]) -> list[float]:
+    return xs[:: max(1, len(xs) // 10)]
+
+
 def render(res: dict) -> str:
     h, s = res["hand"], res["schemathesis"]
     five = sum(n for c in h["cases"] for code, n in c["statuses"].items() if int(code) >= 500)
@@ -142,7 +146,7 @@ def render(res: dict) -> str:
              f"schemathesis requests.** Server RSS: {res['rss_mb']['start']:.0f} MB at start, "
              f"{res['rss_mb']['after_hand']:.0f} MB after the hand cases, {res['rss_mb']['after_schemathesis']:.0f} "
              f"MB after schemathesis, {res['rss_mb']['after_hand_again']:.0f} MB after the hand cases again "
-             f"(RSS per hand-case round: {', '.join(f'{x:.0f}' for x in h['rss_mb'][:: max(1, len(h['rss_mb']) // 10)])} MB).",
+             f"(RSS per hand-case round: {', '.join(f'{x:.0f}' for x in _every_tenth(h['rss_mb']))} MB).",
              "", f"## Hand cases ({res['rounds']} rounds each, {h['seconds']} s)", "",
              "| case | must be | got (status: count) |", "|---|---|---|"]
     for c in h["cases"]:

@@ -2,9 +2,9 @@
 
 The server runs in its own process (``python -m distillrec serve RUN --port 0 --threads 1``, one torch thread); the
 client is this process, a small asyncio HTTP/1.1 client on keep-alive connections (kept small, not locust: on a
-2-core machine the load generator's CPU is taken from the server). Every request is ``POST /recommend`` ``{"items": <a test
-session of the run's dataset, as the dataset holds it>, "k": 10, "exclude_seen": true}``, sessions drawn with a
-fixed seed. Phases, each bounded in count and time:
+2-core machine the load generator's CPU is taken from the server). Every request is ``POST /recommend``
+``{"items": <a test session of the run's dataset, as the dataset holds it>, "k": 10, "exclude_seen": true}``,
+sessions drawn with a fixed seed. Phases, each bounded in count and time:
 
 1. warm-up: ``--warmup`` requests, not counted;
 2. **open loop** at ``--rate`` requests/s for ``--duration`` s: request i is due at ``t0 + i / rate`` whether or not
@@ -307,8 +307,8 @@ def render(res: dict) -> str:
         f"Every request: POST /recommend, k=10, exclude_seen, one of {res['sessions']} test sessions of the "
         f"dataset. Machine: {res['machine']}; load average before the run {res['loadavg_before']} (other jobs were "
         f"running on its 2 cores: these numbers are what the server got, not what it would get alone).", "",
-        "| phase | requests | offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | non-200 | mean batch "
-        "| server CPU ms / request |",
+        "| phase | requests | offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | non-200 "
+        "| mean batch | server CPU ms / request |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r, b in (("open loop", a, res["batching_open"]), ("closed loop (saturation)", c,

@@ -10,8 +10,9 @@ Routes (the OpenAPI schema is at ``/openapi.json``, its pages at ``/docs``):
 
 A request that breaks the schema, an item id unknown to the catalogue (named, with its position), ``k`` out of
 ``1..max_k`` or an empty session is a 422 in FastAPI's validation-error form ``{"detail": [{"loc", "msg", "type"}]}``;
-an unknown id in ``/items/{id}`` is a 404, and a body that is not UTF-8 a 400. The model and item table are loaded once, at start, through
-:func:`distillrec.runs.load_trained`; concurrent requests are scored in micro-batches (:mod:`.service`).
+an unknown id in ``/items/{id}`` is a 404, and a body that is not UTF-8 a 400. The model and item table are loaded
+once, at start, through :func:`distillrec.runs.load_trained`; concurrent requests are scored in micro-batches
+(:mod:`.service`).
 """
 
 from __future__ import annotations
