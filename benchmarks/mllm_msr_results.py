@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from distillrec.evaluation.candidates import CandidateSet, per_row_candidate_met
 from distillrec.evaluation.metrics import mean_ci, paired_test  # noqa: E402
 from distillrec.evaluation.report import fmt_number, markdown_table  # noqa: E402
 from distillrec.runs import score_run_on_candidates  # noqa: E402
+from jobs import run_jobs  # noqa: E402  (benchmarks/jobs.py)
 
 VARIANTS = {
     "main": [],
@@ -71,34 +70,6 @@ def train_job(name: str, config: Path, folder: Path, seeds: list[int]) -> dict:
     cmd = ["distillrec", "train", str(config), "--out", str(folder), "--set", f"train.seeds={json.dumps(seeds)}",
            "--set", "train.num_threads=1", "--set", "train.progress=false"]
     return {"name": name, "cmd": cmd, "done": folder / "metrics.json", "deps": []}
-
-
-def run_jobs(jobs: list[dict], workers: int, out: Path) -> None:
-    pending = [j for j in jobs if not j["done"].exists()]
-    done = {j["name"] for j in jobs if j["done"].exists()}
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    while pending or running:
-        for name, (p, ts) in list(running.items()):
-            if p.poll() is not None:
-                del running[name]
-                if p.returncode != 0:
-                    raise SystemExit(f"job {name} failed (exit {p.returncode}); see {out / 'logs' / (name + '.log')}")
-                done.add(name)
-                print(f"[{time.time() - t0:7.0f}s] done {name} ({time.time() - ts:.0f}s)", flush=True)
-        ready = [j for j in pending if all(d in done for d in j["deps"])]
-        while ready and len(running) < workers:
-            j = ready.pop(0)
-            pending.remove(j)
-            log = open(out / "logs" / f"{j['name']}.log", "w")
-            running[j["name"]] = (subprocess.Popen(j["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env),
-                                  time.time())
-            print(f"[{time.time() - t0:7.0f}s] start {j['name']}", flush=True)
-        if pending and not running and not ready:
-            raise SystemExit(f"jobs waiting on failed dependencies: {[j['name'] for j in pending]}")
-        time.sleep(2)
 
 
 def load_scores(folder: Path, name: str) -> np.ndarray:

@@ -31,11 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +44,7 @@ from distillrec.data.loaders import load_dataset  # noqa: E402
 from distillrec.evaluation.metrics import mean_ci, metrics_from_ranks, paired_test  # noqa: E402
 from distillrec.evaluation.report import MISSING, fmt_number, markdown_table  # noqa: E402
 from distillrec.runs import RunFolder  # noqa: E402
+from jobs import run_jobs  # noqa: E402  (benchmarks/jobs.py)
 
 # the longest job first, so that two workers finish close together
 BASELINES = ["srgnn", "sknn", "gru4rec", "sasrec", "fused_sasrec", "fused_gru4rec", "dimo"]
@@ -102,36 +100,6 @@ def copy_reusable(out: Path, variant: str, source: str = "full") -> None:
         if (src / rel).exists() and not (dst / rel).exists():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if (src / rel).is_dir() else shutil.copy2)(src / rel, dst / rel)
-
-
-def run_jobs(jobs: list[dict], workers: int, out: Path) -> None:
-    pending = [j for j in jobs if not j["done"].exists()]
-    done = {j["name"] for j in jobs if j["done"].exists()}
-    running: dict[str, tuple[subprocess.Popen, dict, float]] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    while pending or running:
-        for name, (p, j, ts) in list(running.items()):
-            if p.poll() is not None:
-                del running[name]
-                if p.returncode != 0:
-                    raise SystemExit(f"job {name} failed (exit {p.returncode}); see {out / 'logs' / (name + '.log')}")
-                done.add(name)
-                print(f"[{time.time() - t0:7.0f}s] done {name} ({time.time() - ts:.0f}s)", flush=True)
-        ready = [j for j in pending if all(d in done for d in j["deps"])]
-        while ready and len(running) < workers:
-            j = ready.pop(0)
-            pending.remove(j)
-            if j.get("variant") and j["deps"]:
-                copy_reusable(out, j["variant"], j["reuse_from"])
-            log = open(out / "logs" / f"{j['name']}.log", "w")
-            running[j["name"]] = (subprocess.Popen(j["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env), j,
-                                  time.time())
-            print(f"[{time.time() - t0:7.0f}s] start {j['name']}", flush=True)
-        if pending and not running and not ready:
-            raise SystemExit(f"jobs waiting on failed dependencies: {[j['name'] for j in pending]}")
-        time.sleep(2)
 
 
 def probe_table(out: Path, variants: list[str], dataset: str) -> str:
@@ -322,7 +290,8 @@ def main(argv: list[str] | None = None) -> str:
                                       [f"tpad_{v}"]))
                 names.append(name + suffix)
                 groups.setdefault(name, []).append(name + suffix)
-    run_jobs(jobs, args.workers, out)
+    run_jobs(jobs, args.workers, out, before_start=lambda j: copy_reusable(out, j["variant"], j["reuse_from"])
+             if j.get("variant") and j["deps"] else None)
     text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n" + table(out, names, args.dataset)
             + pooled_table(out, {g: r for g, r in groups.items() if len(r) > 1})
