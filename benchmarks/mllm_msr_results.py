@@ -25,6 +25,7 @@ of all seeds (t and Wilcoxon; a baseline's per-user metric is its mean over trai
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -130,8 +131,7 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
         for k in ("auc", "hr@5", "mrr@5"):
             t = paired_test(main_users[k], users[k], k)
             paired_rows.append([name, k, fmt_number(t.mean_a, 4), fmt_number(t.mean_b, 4),
-                                fmt_number(t.mean_diff, 4), fmt_number(t.t_pvalue, 3),
-                                fmt_number(t.wilcoxon_pvalue, 3)])
+                                fmt_number(t.mean_diff, 4), f"{t.t_pvalue:.2g}", f"{t.wilcoxon_pvalue:.2g}"])
     for v in variants[1:]:
         common = [s for s in seeds_of[v] if s in seeds]
         for k in ("auc", "hr@5"):
@@ -139,13 +139,13 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
             b = np.concatenate([per_user["main"][s][k] for s in common])
             t = paired_test(a, b, k)
             paired_rows.append([f"MLLM-MSR {v} vs main (seeds {common})", k, fmt_number(t.mean_a, 4), fmt_number(t.mean_b, 4),
-                                fmt_number(t.mean_diff, 4), fmt_number(t.t_pvalue, 3),
-                                fmt_number(t.wilcoxon_pvalue, 3)])
+                                fmt_number(t.mean_diff, 4), f"{t.t_pvalue:.2g}", f"{t.wilcoxon_pvalue:.2g}"])
     r0 = reports[("main", seeds[0])]
     n_users = r0["n_eval_users"]
     text = (f"Sampled protocol (not full ranking): per MLLM-MSR seed, {n_users} users drawn by seed, each test "
             f"target + {r0['protocol']['n_negatives']} never-interacted items; {len(seeds)} seeds "
-            f"({len(seeds) * n_users} ranked users in all). AUC per user (ties 1/2).\n\n"
+            f"({len(seeds) * n_users} ranked users in all). AUC per user (ties 1/2). ± = 95% t-interval over the "
+            f"MLLM-MSR seeds (with {len(seeds)} seeds it is wide: it holds the spread of the users and candidates drawn).\n\n"
             + markdown_table(["model", "valid auc", *(f"test {k}" for k in METRICS), "cold hr@5"], rows)
             + "\n\nPaired tests over all ranked users of all seeds (first − second):\n\n"
             + markdown_table(["against", "metric", "MLLM-MSR", "other", "diff", "t p", "Wilcoxon p"], paired_rows)
@@ -223,8 +223,9 @@ def speed_table(out: Path, seed: int, tpad_run: Path | None, n_users: int) -> st
         t_rec = (time.perf_counter() - t0) / len(hist)
         lines.append([f"{trained.config.model.name} on TPAD embeddings (`{tpad_run.name}`, seed {trained.seed})",
                       "0", fmt_number(t_rec, 5), fmt_number(t_rec, 5), fmt_number(candidate_metrics(sc)["auc"], 4)])
+    load = os.getloadavg()[0]
     return (f"\nOnline cost per ranked user ({len(hist)} test users of seed {seed}, 21 candidates each, one user at a "
-            "time, one torch thread, timed alone):\n\n" + markdown_table(
+            f"time, one torch thread; 1-min load average {load:.1f} on 2 cores when it finished):\n\n" + markdown_table(
                 ["model", "preference s/user", "scoring s/user", "total s/user", f"auc ({len(hist)} users)"], lines)
             + f"\n\nMLLM-MSR's LLM calls per user for the preference summary: {np.mean(calls):.2f}.\n")
 

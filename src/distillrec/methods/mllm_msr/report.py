@@ -64,8 +64,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             for b in report["baselines"]:
                 for m, t in b["paired_msr_vs_this"].items():
                     prow.append([b["model"], m, fmt_number(t["mean_a"], 4), fmt_number(t["mean_b"], 4),
-                                 fmt_number(t["mean_diff"], 4), fmt_number(t["t_pvalue"], 3),
-                                 fmt_number(t["wilcoxon_pvalue"], 3)])
+                                 fmt_number(t["mean_diff"], 4), f"{t['t_pvalue']:.2g}",
+                                 f"{t['wilcoxon_pvalue']:.2g}"])
             lines += ["Paired tests on the test users (MLLM-MSR − baseline; a baseline's per-user metric is its mean "
                       "over seeds):", "", markdown_table(["baseline", "metric", "MLLM-MSR", "baseline", "diff",
                                                          "t p", "Wilcoxon p"], prow), ""]
