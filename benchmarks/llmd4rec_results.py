@@ -183,6 +183,13 @@ def main() -> None:
               "Seconds per phase of every round on this machine (one torch thread; LLM passes = user prompts through "
               "the LM; the CRM step reads the cached teacher logits and runs no LLM pass):", "",
               cost_table(reports), ""]
+    plain_metrics = out / "plain" / "metrics.json"
+    if plain_metrics.is_file():
+        pm = json.loads(plain_metrics.read_text())
+        lines.append(f"- plain CRM: {fmt_number(pm['timing']['train_s_per_epoch'], 2)} s per training epoch, "
+                     f"{fmt_number(pm['timing']['train_s'], 0)} s of training over {len(pm['seeds'])} seeds (the CRM "
+                     "step's s/epoch above is the same model with the teacher term: its extra cost is one more "
+                     "scoring pass of the CRM over the rows in each batch).")
     for v, rep in reports.items():
         c = rep.get("cost", {})
         lines.append(f"- {v}: plain CRM (all seeds; 0 when reused) {fmt_number((c.get('crm_warmup') or {}).get('seconds'), 0)}"
