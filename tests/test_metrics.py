@@ -13,6 +13,7 @@ from distillrec.evaluation.metrics import (
     metrics_from_ranks,
     paired_test,
     pessimistic_ranks,
+    reference_pessimistic_ranks,
     slice_metrics,
 )
 
@@ -42,6 +43,23 @@ def test_history_masking_is_an_option():
 def test_nan_scores_never_win():
     scores = torch.tensor([[0.0, float("nan"), 0.5, 0.2]])
     assert pessimistic_ranks(scores, torch.tensor([2])).tolist() == [0]
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_blocked_ranks_equal_the_direct_formula_with_ties_nan_and_inf(mask):
+    # the evaluator's fast compare-and-count must give exactly the ranks of the direct formula
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 15, 16, 17, 203):
+        scores = torch.randint(0, 7, (rows, 41), generator=g).float()  # many ties
+        scores[torch.rand(scores.shape, generator=g) < 0.05] = float("nan")
+        scores[torch.rand(scores.shape, generator=g) < 0.03] = float("inf")
+        scores[torch.rand(scores.shape, generator=g) < 0.03] = -float("inf")
+        targets = torch.randint(1, 41, (rows,), generator=g)
+        history = torch.randint(0, 41, (rows, 5), generator=g)
+        before = scores.clone()
+        fast = pessimistic_ranks(scores, targets, history, mask)
+        assert torch.equal(scores.isnan(), before.isnan()) and torch.equal(scores.nan_to_num(), before.nan_to_num())
+        assert fast.tolist() == reference_pessimistic_ranks(scores, targets, history, mask).tolist()
 
 
 def test_metric_values_by_hand():

@@ -265,7 +265,7 @@ def load_trained(run_dir: str | Path, seed: int | None = None, dataset: Dataset 
 
 def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     """Re-evaluate the best checkpoints of a finished run on valid and test (returns per-seed and mean metrics)."""
-    from .evaluation.evaluator import rank_examples, summarise
+    from .evaluation.evaluator import rank_examples, rank_valid_and_test, summarise
     from .evaluation.metrics import aggregate_seeds
 
     folder = RunFolder(Path(run_dir))
@@ -275,10 +275,13 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     for seed in cfg.train.seeds:
         trained = load_trained(folder.root, seed, dataset)
         out: dict[str, Any] = {"seed": seed}
-        for split in ("valid", "test"):
-            ex = getattr(dataset, split)
-            ranks = rank_examples(trained.model, ex, cfg.eval, cfg.train.max_len)
-            out[split] = summarise(ranks, ex, dataset, cfg.eval, with_slices=False)["metrics"]
+        if len(dataset.valid) == len(dataset.test):
+            ranks = rank_valid_and_test(trained.model, dataset.valid, dataset.test, cfg.eval, cfg.train.max_len)
+        else:
+            ranks = tuple(rank_examples(trained.model, ex, cfg.eval, cfg.train.max_len)
+                          for ex in (dataset.valid, dataset.test))
+        for split, r in zip(("valid", "test"), ranks):
+            out[split] = summarise(r, getattr(dataset, split), dataset, cfg.eval, with_slices=False)["metrics"]
         per_seed.append(out)
     return {
         "model": cfg.model.name,

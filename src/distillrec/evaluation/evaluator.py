@@ -84,13 +84,65 @@ def rank_examples(
     by_length = np.argsort(lengths, kind="stable")
     ranks = np.zeros(len(rows), dtype=np.int64)
     done = 0
+    # one score matrix for every batch of this pass (Recommender.score_into); any module with ``score`` also works
+    buffer = None
     for _, batch in iterate_example_batches(examples, protocol.batch_size, max_len, order=rows[by_length]):
-        scores = model.score(batch)
+        if not hasattr(model, "score_into"):
+            scores = model.score(batch)
+        else:
+            if buffer is None:
+                buffer = torch.empty(min(protocol.batch_size, len(rows)), model.n_items + 1)
+            scores = model.score_into(batch, buffer)
         r = pessimistic_ranks(scores, batch["target"], batch["history"], protocol.mask_history)
         ranks[by_length[done : done + len(r)]] = r.numpy()
         done += len(r)
     model.train(was_training)
     return ranks
+
+
+@torch.no_grad()
+def rank_valid_and_test(
+    model: torch.nn.Module, valid: Examples, test: Examples, protocol: EvalProtocol, max_len: int,
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rank_examples(valid), rank_examples(test))`` over the same ``rows``, with one encoder pass for both where
+    it can: a leave-one-out test history is the validation history plus its target, so a causal model's state after
+    the validation history sits one position before the end of the test history (``score_last_two_into``). Rows
+    where that does not hold (another split, a history cut to ``max_len``, an empty validation history) and models
+    without that method are ranked by ``rank_examples``. The ranks are those of two ``rank_examples`` calls
+    (tests/test_evaluator_speed.py compares them on fixed models)."""
+    rows = np.arange(len(valid)) if rows is None else np.asarray(rows)
+    if not hasattr(model, "score_last_two_into") or protocol.mask_history or len(valid) != len(test):
+        return rank_examples(model, valid, protocol, max_len, rows), rank_examples(model, test, protocol, max_len, rows)
+    model_len = getattr(getattr(model, "config", None), "max_len", None)
+    limit = min(max_len, model_len) if model_len else max_len
+    test_len = np.array([len(test.histories[i]) for i in rows], dtype=np.int64)
+    shared = np.array([
+        2 <= n <= limit and test.histories[i][-1] == valid.targets[i] and len(valid.histories[i]) == n - 1
+        and np.array_equal(test.histories[i][:-1], valid.histories[i])
+        for i, n in zip(rows, test_len)], dtype=bool)
+    valid_ranks = np.zeros(len(rows), dtype=np.int64)
+    test_ranks = np.zeros(len(rows), dtype=np.int64)
+    if (~shared).any():
+        valid_ranks[~shared] = rank_examples(model, valid, protocol, max_len, rows[~shared])
+        test_ranks[~shared] = rank_examples(model, test, protocol, max_len, rows[~shared])
+    pos = np.flatnonzero(shared)
+    if len(pos) == 0:
+        return valid_ranks, test_ranks
+    was_training = model.training
+    model.eval()
+    pos = pos[np.argsort(test_len[pos], kind="stable")]  # less padding, as in rank_examples
+    width = min(protocol.batch_size, len(pos))
+    buf_v, buf_t = torch.empty(width, model.n_items + 1), torch.empty(width, model.n_items + 1)
+    done = 0
+    for _, batch in iterate_example_batches(test, protocol.batch_size, max_len, order=rows[pos]):
+        before, after = model.score_last_two_into(batch, buf_v, buf_t)
+        take = pos[done : done + len(after)]
+        valid_ranks[take] = pessimistic_ranks(before, torch.from_numpy(valid.targets[rows[take]])).numpy()
+        test_ranks[take] = pessimistic_ranks(after, batch["target"]).numpy()
+        done += len(after)
+    model.train(was_training)
+    return valid_ranks, test_ranks
 
 
 def summarise(

@@ -58,6 +58,11 @@ class Recommender(nn.Module):
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def score_into(self, batch: dict[str, torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
+        """``score(batch)``, written into ``out[:B]`` where the model can (a buffer the evaluator reuses across
+        batches); the default ignores ``out``. The returned tensor is only valid until the next call."""
+        return self.score(batch)
+
 
 _REGISTRY: dict[str, type[Recommender]] = {}
 

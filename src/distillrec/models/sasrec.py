@@ -114,12 +114,11 @@ class SASRec(SequentialRecommender):
             x = block(x)
         return x  # [B, L, hidden_size]
 
-    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        history, lengths = batch["history"], batch["lengths"]
+    def eval_window(self, history: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.config.max_len
         if history.shape[1] > m:
             # evaluation histories wider than the positional table: keep each row's last max_len items, left-aligned
             start = (lengths - m).clamp(min=0).to(history.device)
             history = history.gather(1, start[:, None] + torch.arange(m, device=history.device))
             lengths = lengths.clamp(max=m)
-        return super().score({"history": history, "lengths": lengths})
+        return history, lengths

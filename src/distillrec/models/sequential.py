@@ -47,12 +47,40 @@ class SequentialRecommender(Recommender):
         neg_score = (h * table[neg]).sum(-1)
         return -F.logsigmoid(pos_score - neg_score).mean()  # = RecBole's -log(sigmoid(pos - neg)), but stable
 
+    def eval_window(self, history: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of an evaluation history the encoder reads (default: all of it; SASRec keeps its last max_len)."""
+        return history, lengths
+
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.score_into(batch, None)
+
+    def score_into(self, batch: dict[str, torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
+        # ``out``: a reusable [>= B, n_items + 1] buffer (the evaluator's), so the score product writes into memory
+        # that is already mapped instead of faulting in a fresh [B, n] matrix per batch (~1.4x faster on CPU);
+        # the values are those of ``score``, which is this with ``out=None``
         table = self.item_table()
-        h = self.encode(batch["history"], table)
+        history, lengths = self.eval_window(batch["history"], batch["lengths"])
+        h = self.encode(history, table)
         # right padding: the representation of the whole history sits at position length - 1
-        last = (batch["lengths"] - 1).clamp(min=0).to(h.device)
+        last = (lengths - 1).clamp(min=0).to(h.device)
         h = h[torch.arange(h.shape[0], device=h.device), last]
-        scores = h @ table.T
+        scores = torch.mm(h, table.T) if out is None else torch.mm(h, table.T, out=out[: h.shape[0]])
         scores[:, 0] = -torch.inf  # padding is never recommended
         return scores
+
+    def score_last_two_into(
+        self, batch: dict[str, torch.Tensor], out_before: torch.Tensor, out_last: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores after the history without its last item and after the whole history, from one encoder pass: the
+        encoder is causal, so position length - 2 of a history is the representation of that history minus its last
+        item. The evaluator uses this to rank validation (history h -> target v) and test (h + [v] -> t) rows of a
+        leave-one-out split together. Rows need length >= 2 and must not be cut by ``eval_window``."""
+        table = self.item_table()
+        h = self.encode(batch["history"], table)
+        rows = torch.arange(h.shape[0], device=h.device)
+        last = (batch["lengths"] - 1).to(h.device)
+        before = torch.mm(h[rows, last - 1], table.T, out=out_before[: h.shape[0]])
+        after = torch.mm(h[rows, last], table.T, out=out_last[: h.shape[0]])
+        before[:, 0] = -torch.inf
+        after[:, 0] = -torch.inf
+        return before, after

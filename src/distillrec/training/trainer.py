@@ -30,7 +30,7 @@ from ..data.batching import causal_batch, causal_windows, example_batch, length_
 from ..data.dataset import Dataset
 from ..data.loaders import load_dataset
 from ..errors import ConfigError
-from ..evaluation.evaluator import rank_examples, summarise
+from ..evaluation.evaluator import rank_examples, rank_valid_and_test, summarise
 from ..evaluation.metrics import aggregate_seeds
 from ..evaluation.report import plot_curves, render_run_report
 from ..files import atomic_write_text, folder_lock, prepare_out
@@ -73,6 +73,12 @@ class _RankedEval:
         rows = np.arange(len(examples))[self.rank :: self.world]
         mine = rank_examples(model, examples, self.cfg.eval, self.cfg.train.max_len, rows=rows)
         return gather_rows(mine, len(examples), self.rank, self.world)
+
+    def valid_and_test_ranks(self, model: Recommender, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(len(dataset.valid))[self.rank :: self.world]
+        v, t = rank_valid_and_test(model, dataset.valid, dataset.test, self.cfg.eval, self.cfg.train.max_len, rows)
+        n = len(dataset.valid)
+        return gather_rows(v, n, self.rank, self.world), gather_rows(t, len(dataset.test), self.rank, self.world)
 
 
 def train_one_seed(
@@ -202,8 +208,10 @@ def train_one_seed(
             load_checkpoint(best_path, model)
 
     t1 = time.perf_counter()
-    valid_ranks = evaluator.ranks(model, dataset.valid)
-    test_ranks = evaluator.ranks(model, dataset.test)
+    if len(dataset.valid) == len(dataset.test):
+        valid_ranks, test_ranks = evaluator.valid_and_test_ranks(model, dataset)
+    else:
+        valid_ranks, test_ranks = evaluator.ranks(model, dataset.valid), evaluator.ranks(model, dataset.test)
     t_eval += time.perf_counter() - t1
     valid = summarise(valid_ranks, dataset.valid, dataset, cfg.eval, with_slices=False)
     test = summarise(test_ranks, dataset.test, dataset, cfg.eval)
