@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -46,54 +44,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+from distillrec.resources import cpu_name, gemm_peak_gflops, reset_peak_rss  # noqa: E402
+from distillrec.resources import phase_peak_mb as peak_rss_mb  # noqa: E402  (the peak since the reset)
+
 DEFAULT_OUT = ROOT / "results" / "embed_throughput.md"
 
 
-# ------------------------------------------------------------------------------------------------------------- memory
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-# --------------------------------------------------------------------------------------------------------------- GEMM
 def gemm_peak(dtype: torch.dtype, n: int, reps: int, rounds: int) -> float:
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
-    c = torch.empty(n, n, dtype=dtype)
-    torch.matmul(a, b, out=c)  # warm-up
-    best = 0.0
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.matmul(a, b, out=c)
-        dt = time.perf_counter() - t
-        best = max(best, 2.0 * n**3 * reps / dt / 1e9)
-    return best
+    return gemm_peak_gflops(dtype, n, reps, rounds)
 
 
 # ----------------------------------------------------------------------------------------------------------- the model

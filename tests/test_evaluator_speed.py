@@ -64,3 +64,40 @@ def test_fast_ranks_equal_the_direct_path(shop, name, params, mask_history):
     # the shared pass was really taken by the causal models
     lengths = np.array([len(h) for h in shop.test.histories])
     assert hasattr(model, "score_last_two_into") == (name != "pop") and (lengths <= max_len).sum() > 50
+
+
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients():
+    from distillrec.models.sequential import ChunkedCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(103, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(57, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 57, (103,), generator=g)
+    plain = torch.nn.functional.cross_entropy(h @ w.T, y)
+    gh, gw = torch.autograd.grad(plain * 3.0, (h, w))
+    for chunk in (1, 10, 103, 500):
+        loss = ChunkedCrossEntropy.apply(h, w, y, chunk)
+        ch, cw = torch.autograd.grad(loss * 3.0, (h, w))
+        assert torch.allclose(loss, plain, atol=1e-12) and torch.allclose(ch, gh, atol=1e-12)
+        assert torch.allclose(cw, gw, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: ChunkedCrossEntropy.apply(a, b, y, 7), (h, w))
+
+
+def test_ce_chunk_trains_a_sequential_model_like_one_chunk(shop):
+    # same seed, same batches: chunked and plain CE give the same loss and (to float rounding) the same weights
+    from distillrec.data.batching import causal_batch, causal_windows
+
+    batch = causal_batch(causal_windows(shop.train[:64], 8))
+    losses, weights = [], []
+    for chunk in (None, 50):
+        torch.manual_seed(0)
+        model = build_model("sasrec", {"max_len": 8, "hidden_size": 32, "inner_size": 64, "ce_chunk": chunk}, shop)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(3):
+            loss = model.loss(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses.append(float(loss))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert abs(losses[0] - losses[1]) < 1e-5 and torch.allclose(weights[0], weights[1], atol=1e-5)

@@ -122,6 +122,15 @@ def plot_curves(per_seed: list[dict[str, Any]], path: Path) -> Path | None:
     return plot_panels([loss, valid], path, panel_size=(4.5, 3.2))
 
 
+def _phase_peaks(timing: dict) -> str:
+    by = timing.get("peak_rss_mb_by_phase")
+    if not by:
+        return ""
+    what = "each phase's own peak" if by.get("per_phase") else "the peak by the end of each phase"
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in by.items() if k != "per_phase")
+    return f" ({what}: {parts} MB)"
+
+
 def render_run_report(metrics: dict[str, Any], curves_png: Path | None = None) -> str:
     p = metrics["protocol"]
     lines = [
@@ -152,7 +161,7 @@ def render_run_report(metrics: dict[str, Any], curves_png: Path | None = None) -
         "## Timing",
         "",
         f"training {t['train_s']:.1f} s ({t['train_s_per_epoch']:.2f} s/epoch), evaluation {t['eval_s']:.1f} s, "
-        f"peak RSS {t['peak_rss_mb']:.0f} MB, processes {t['world_size']}.",
+        f"peak RSS {t['peak_rss_mb']:.0f} MB{_phase_peaks(t)}, processes {t['world_size']}.",
         "",
         markdown_table(
             ["seed", "best epoch", "epochs run", "valid ndcg@10", "test ndcg@10"],

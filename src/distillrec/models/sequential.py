@@ -11,12 +11,47 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from .base import ModelConfig, Recommender
 
 
 class SequentialConfig(ModelConfig):
     loss_type: Literal["CE", "BPR"] = "CE"  # CE: softmax over all items; BPR: one sampled negative per position
+    # CE over all items in chunks of this many positions, logits recomputed in the backward pass: memory
+    # ~ chunk x n_items instead of (positions in the batch) x n_items x 3, for one more output GEMM per chunk.
+    # Loss and gradients equal the one-chunk ones up to float rounding (so results move at that level). None: one
+    # chunk, bit for bit the plain F.cross_entropy (the default, so no existing result changes).
+    ce_chunk: int | None = Field(default=None, ge=1)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i @ W.T, y_i) without ever holding more than ``chunk`` rows of logits (in both passes)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
+        total = h.new_zeros(())
+        for s in range(0, h.shape[0], chunk):
+            logits = h[s : s + chunk] @ weight.T
+            lse[s : s + chunk] = torch.logsumexp(logits, dim=1)
+            total += (lse[s : s + chunk] - logits.gather(1, target[s : s + chunk, None]).squeeze(1)).sum()
+        ctx.save_for_backward(h, weight, target, lse)
+        ctx.chunk = chunk
+        return total / h.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight, target, lse = ctx.saved_tensors
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+        scale = grad / h.shape[0]
+        for s in range(0, h.shape[0], ctx.chunk):
+            p = (h[s : s + ctx.chunk] @ weight.T).sub_(lse[s : s + ctx.chunk, None]).exp_()  # softmax, in place
+            p.scatter_add_(1, target[s : s + ctx.chunk, None], torch.full_like(p[:, :1], -1.0))
+            p.mul_(scale)
+            grad_h[s : s + ctx.chunk] = p @ weight
+            grad_w.addmm_(p.T, h[s : s + ctx.chunk])
+        return grad_h, grad_w, None, None
 
 
 class SequentialRecommender(Recommender):
@@ -37,6 +72,8 @@ class SequentialRecommender(Recommender):
         h, target = h[valid], batch["target_seq"][valid]  # [n_valid, d], [n_valid]
         if self.config.loss_type == "CE":
             # leave out row 0 (padding) so it is never a class: logits over items 1..n, labels shifted by one
+            if self.config.ce_chunk is not None and h.shape[0] > self.config.ce_chunk:
+                return ChunkedCrossEntropy.apply(h, table[1:], target - 1, self.config.ce_chunk)
             logits = h @ table[1:].T
             return F.cross_entropy(logits, target - 1)
         # BPR: a negative drawn uniformly from items 1..n other than the target (global RNG: seeding reproduces it).

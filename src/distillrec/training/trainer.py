@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import resource
 import sys
 import time
 from pathlib import Path
@@ -34,15 +33,12 @@ from ..evaluation.evaluator import rank_examples, rank_valid_and_test, summarise
 from ..evaluation.metrics import aggregate_seeds
 from ..evaluation.report import plot_curves, render_run_report
 from ..files import atomic_write_text, folder_lock, prepare_out
+from ..resources import PhasePeaks, peak_rss_mb
 from ..models import Recommender, build_model
 from ..runs import RunConfig, RunFolder, check_feature_names, dump_config, evaluate_run, load_run_dataset
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .distributed import barrier, gather_rows, init_distributed, shard
 from .teacher import TeacherHook
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -82,15 +78,53 @@ class _RankedEval:
 
 
 def train_one_seed(
-    cfg: RunConfig, dataset: Dataset, seed: int, out_dir: Path, resume: bool, logger: logging.Logger
+    cfg: RunConfig, dataset: Dataset, seed: int, out_dir: Path, resume: bool, logger: logging.Logger,
+    peaks: PhasePeaks | None = None,
 ) -> dict[str, Any]:
+    rank, world = init_distributed()
+    folder = RunFolder(out_dir)
+    evaluator = _RankedEval(cfg, rank, world)
+    select = cfg.eval.select_metric
+    peaks = peaks or PhasePeaks()
+    with peaks.phase("train"):
+        model, history, best_epoch, t_train, t_eval = _train(cfg, dataset, seed, out_dir, resume, logger, evaluator)
+    with peaks.phase("evaluate"):
+        t1 = time.perf_counter()
+        if len(dataset.valid) == len(dataset.test):
+            valid_ranks, test_ranks = evaluator.valid_and_test_ranks(model, dataset)
+        else:
+            valid_ranks, test_ranks = evaluator.ranks(model, dataset.valid), evaluator.ranks(model, dataset.test)
+        t_eval += time.perf_counter() - t1
+    valid = summarise(valid_ranks, dataset.valid, dataset, cfg.eval, with_slices=False)
+    test = summarise(test_ranks, dataset.test, dataset, cfg.eval)
+    if rank == 0:
+        folder.ranks_dir.mkdir(exist_ok=True)
+        np.save(folder.ranks("valid", seed), valid_ranks)
+        np.save(folder.ranks("test", seed), test_ranks)
+    logger.info(f"seed {seed}: best epoch {best_epoch + 1}, valid {select} {valid['metrics'][select]:.4f}, "
+                f"test {select} {test['metrics'][select]:.4f}")
+    return {
+        "seed": seed,
+        "best_epoch": best_epoch + 1,
+        "epochs_run": len(history),
+        "valid": valid["metrics"],
+        "test": test["metrics"],
+        "slices": test["slices"],
+        "history": history,
+        "train_s": round(t_train, 3),
+        "eval_s": round(t_eval, 3),
+    }
+
+
+def _train(cfg: RunConfig, dataset: Dataset, seed: int, out_dir: Path, resume: bool, logger: logging.Logger,
+           evaluator: _RankedEval) -> tuple[Recommender, list[dict[str, Any]], int, float, float]:
+    """Build, fit and train one seed (best-validation weights loaded); returns (model, history, best epoch index,
+    train seconds, validation seconds)."""
     rank, world = init_distributed()
     tc = cfg.train
     folder = RunFolder(out_dir)
     last_path, best_path = folder.checkpoint(seed, "last"), folder.checkpoint(seed, "best")
-    evaluator = _RankedEval(cfg, rank, world)
     select = cfg.eval.select_metric
-
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     model = build_model(cfg.model.name, cfg.model.params, dataset)
@@ -206,32 +240,7 @@ def train_one_seed(
         best_epoch = state["best_epoch"]
         if best_path.exists():
             load_checkpoint(best_path, model)
-
-    t1 = time.perf_counter()
-    if len(dataset.valid) == len(dataset.test):
-        valid_ranks, test_ranks = evaluator.valid_and_test_ranks(model, dataset)
-    else:
-        valid_ranks, test_ranks = evaluator.ranks(model, dataset.valid), evaluator.ranks(model, dataset.test)
-    t_eval += time.perf_counter() - t1
-    valid = summarise(valid_ranks, dataset.valid, dataset, cfg.eval, with_slices=False)
-    test = summarise(test_ranks, dataset.test, dataset, cfg.eval)
-    if rank == 0:
-        folder.ranks_dir.mkdir(exist_ok=True)
-        np.save(folder.ranks("valid", seed), valid_ranks)
-        np.save(folder.ranks("test", seed), test_ranks)
-    logger.info(f"seed {seed}: best epoch {best_epoch + 1}, valid {select} {valid['metrics'][select]:.4f}, "
-                f"test {select} {test['metrics'][select]:.4f}")
-    return {
-        "seed": seed,
-        "best_epoch": best_epoch + 1,
-        "epochs_run": len(history),
-        "valid": valid["metrics"],
-        "test": test["metrics"],
-        "slices": test["slices"],
-        "history": history,
-        "train_s": round(t_train, 3),
-        "eval_s": round(t_eval, 3),
-    }
+    return model, history, best_epoch, t_train, t_eval
 
 
 def _mean_slices(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -357,8 +366,10 @@ def _run_in_folder(cfg: RunConfig, folder: RunFolder, dataset: Dataset, resume: 
         handlers.append(logging.StreamHandler())
     for h in handlers:
         features_log.addHandler(h)
+    peaks = PhasePeaks()
     try:
-        dataset = load_run_dataset(cfg, dataset)
+        with peaks.phase("load"):
+            dataset = load_run_dataset(cfg, dataset)
     finally:
         for h in handlers:
             features_log.removeHandler(h)
@@ -372,7 +383,7 @@ def _run_in_folder(cfg: RunConfig, folder: RunFolder, dataset: Dataset, resume: 
         if rank == 0:
             print(f"warning: {w}", file=sys.stderr)
 
-    per_seed = [train_one_seed(cfg, dataset, s, out_dir, resume, logger) for s in cfg.train.seeds]
+    per_seed = [train_one_seed(cfg, dataset, s, out_dir, resume, logger, peaks) for s in cfg.train.seeds]
     valid_agg = aggregate_seeds([s["valid"] for s in per_seed])
     test_agg = aggregate_seeds([s["test"] for s in per_seed])
     metrics = {
@@ -393,6 +404,7 @@ def _run_in_folder(cfg: RunConfig, folder: RunFolder, dataset: Dataset, resume: 
                 sum(s["train_s"] for s in per_seed) / max(1, sum(s["epochs_run"] for s in per_seed)), 3
             ),
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb_by_phase": peaks.as_dict(),
             "world_size": world,
         },
         "warnings": warnings,

@@ -4,7 +4,7 @@ logits, CRM step) -> evaluation of the LLM recommender and of the distilled CRM 
 from __future__ import annotations
 
 import json
-import resource
+
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +20,7 @@ from ...data.loaders import load_dataset
 from ...errors import ConfigError
 from ...evaluation.candidates import rerank_ranks, top_n_items
 from ...evaluation.metrics import mean_ci, mean_metrics, metrics_from_ranks, paired_test, pessimistic_ranks
+from ... import resources
 from ...files import atomic_save_tensors, atomic_write_text, prepare_out
 from ...llm.builder import build_multimodal, multimodal_config
 from ...llm.multimodal import MultimodalLM
@@ -45,7 +46,8 @@ _NOT_IN_KEY = {"num_threads", "device", "progress", "out", "save_every", "item_b
 
 
 def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    # the process's peak, also across the trainer's per-phase resets of the high-water mark
+    return round(resources.peak_rss_mb(), 1)
 
 
 def build_lm(cfg: LLMD4RecConfig) -> MultimodalLM:
