@@ -25,6 +25,7 @@ The RecBole venv (``benchmarks/_work/recbole-venv``) is created when missing, wi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -35,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -217,10 +220,11 @@ def our_worker(spec_path: str) -> None:
 
     from distillrec.config import set_num_threads
     from distillrec.data.loaders import load_dataset
-    from distillrec.evaluation.evaluator import rank_examples
+    from distillrec.evaluation.evaluator import rank_valid_and_test
     from distillrec.evaluation.metrics import metrics_from_ranks
+    from distillrec.resources import gemm_peak_gflops, peak_rss_mb
     from distillrec.runs import RunFolder, load_config, load_trained
-    from distillrec.training.trainer import peak_rss_mb, run
+    from distillrec.training.trainer import run
 
     set_num_threads(spec["threads"])
     cfg = load_config(spec["config"])
@@ -231,10 +235,14 @@ def our_worker(spec_path: str) -> None:
     s = metrics["seeds"][0]
 
     model = load_trained(out_dir, seed, dataset).model
+    # the evaluation the trainer runs at the end (and `distillrec evaluate`): valid + test, full ranking
+    evaluate = lambda: rank_valid_and_test(model, dataset.valid, dataset.test, cfg.eval, cfg.train.max_len)  # noqa: E731
+    evaluate()  # warm-up, as RecBole's timed pass follows its own valid and test evaluations
     t0 = time.perf_counter()
-    rank_examples(model, dataset.valid, cfg.eval, cfg.train.max_len)
-    rank_examples(model, dataset.test, cfg.eval, cfg.train.max_len)
+    evaluate()
     eval_pass_s = time.perf_counter() - t0
+    eval_flops = count_eval_flops(model, evaluate)
+    peak = gemm_peak_gflops()
 
     ranks = RunFolder(out_dir).read_ranks("test", seed)
     per = metrics_from_ranks(ranks, (10,))
@@ -256,6 +264,11 @@ def our_worker(spec_path: str) -> None:
         "train_s_total": metrics["timing"]["train_s"],
         "eval_s_total_incl_final": metrics["timing"]["eval_s"],
         "eval_pass_s": round(eval_pass_s, 3),
+        "eval_gflop": round(eval_flops / 1e9, 2),
+        "eval_gflops": round(eval_flops / 1e9 / eval_pass_s, 1),
+        "gemm_peak_gflops": round(peak, 1),
+        "eval_pct_of_peak": round(100 * eval_flops / 1e9 / eval_pass_s / peak, 1),
+        "peak_rss_mb_by_phase": metrics["timing"].get("peak_rss_mb_by_phase"),
         "test": metrics["test"],
         "valid": metrics["valid"],
         "test_per_user": {
@@ -270,6 +283,33 @@ def our_worker(spec_path: str) -> None:
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     print("OURS_RESULT " + json.dumps(out), flush=True)
+
+
+def count_eval_flops(model, evaluate) -> float:
+    """Floating-point operations of one evaluation pass: torch's FLOP counter (matrix products, attention) plus the
+    GRU recurrences it does not count (2 x 3 gates x (input + hidden) x hidden per position, padding included)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gru_flops = [0.0]
+
+    def count_gru(module, inputs, output):
+        x = inputs[0]
+        h = module.hidden_size
+        per_position = 0.0
+        for layer in range(module.num_layers):
+            d_in = module.input_size if layer == 0 else h
+            per_position += 2 * 3 * (d_in + h) * h
+        gru_flops[0] += per_position * x.shape[0] * x.shape[1]
+
+    hooks = [m.register_forward_hook(count_gru) for m in model.modules() if isinstance(m, torch.nn.GRU)]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            evaluate()
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(counter.get_total_flops()) + gru_flops[0]
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -296,16 +336,16 @@ def _run_child(cmd: list[str], marker: str, env: dict[str, str], cwd: Path, log_
     return res
 
 
-def run_ours(info: dict[str, Any], model: str, args, batch: int) -> dict[str, Any]:
-    tag = f"{info['name']}_{model}"
+def run_ours(info: dict[str, Any], model: str, args, batch: int, seed: int = SEED) -> dict[str, Any]:
+    tag = f"{info['name']}_{model}_{seed}"
     out_dir = WORK / "ours_runs" / tag
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     config = {
-        "model": {"name": model, "params": OUR_MODEL[model]},
+        "model": {"name": model, "params": OUR_MODEL[model] | ({"ce_chunk": args.ce_chunk} if args.ce_chunk else {})},
         "dataset": info["our_spec"],
         "train": {"epochs": args.epochs, "batch_size": batch, "lr": 1e-3, "weight_decay": 0.0,
-                  "patience": args.patience, "max_len": MAX_LEN, "seeds": [SEED], "num_threads": args.threads,
+                  "patience": args.patience, "max_len": MAX_LEN, "seeds": [seed], "num_threads": args.threads,
                   "progress": False, "bucket_by_length": not args.no_bucket},
         "eval": {"candidates": "full", "mask_history": False, "select_metric": "ndcg@10"},
     }
@@ -318,14 +358,15 @@ def run_ours(info: dict[str, Any], model: str, args, batch: int) -> dict[str, An
     return res
 
 
-def run_recbole(info: dict[str, Any], model: str, args) -> dict[str, Any]:
+def run_recbole(info: dict[str, Any], model: str, args, seed: int = SEED) -> dict[str, Any]:
     rb_model = MODELS[model]
-    tag = f"{info['name']}_{rb_model}"
+    tag = f"{info['name']}_{rb_model}_{seed}"
     run_dir = WORK / "recbole_runs" / tag
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     config = dict(RECBOLE_PROTOCOL) | RECBOLE_MODEL[rb_model] | info["recbole_config"] | {
         "epochs": args.epochs,
+        "seed": seed,
         # RecBole stops after stopping_step + 1 non-improving validations, ours after `patience`
         "stopping_step": max(0, args.patience - 1),
         "checkpoint_dir": str(run_dir / "saved"),
@@ -340,6 +381,90 @@ def run_recbole(info: dict[str, Any], model: str, args) -> dict[str, Any]:
     res["split_match"] = split_match(info, run_dir / "recbole_split.tsv")
     shutil.rmtree(run_dir / "saved", ignore_errors=True)  # checkpoints: large and not needed afterwards
     return res
+
+
+def cached(side: str, info: dict[str, Any], model: str, args, seed: int, batch: int, fn) -> dict[str, Any]:
+    """One side's result, kept in ``_work/results`` under a key of everything that changes it: a rerun after a kill
+    reuses the finished sides (``--fresh`` ignores them)."""
+    key = {"side": side, "dataset": info["name"], "fingerprint": info["fingerprint"], "model": model, "seed": seed,
+           "epochs": args.epochs, "patience": args.patience, "threads": args.threads, "batch": batch,
+           "ce_chunk": args.ce_chunk if side == "ours" else None, "bucket": not args.no_bucket,
+           # our side changes with our code: its results are reused only at the same commit
+           "commit": _commit() if side == "ours" else None}
+    path = WORK / "results" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    if path.is_file() and not args.fresh:
+        log(f"  {side}: reusing {path.name}")
+        return json.loads(path.read_text())
+    res = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+    return res
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_to(target: float, valid: list[float], epoch_s: list[float]) -> tuple[float | None, int | None]:
+    """Cumulative seconds (training + validation) until the first epoch whose valid NDCG@10 reaches ``target``."""
+    total = 0.0
+    for e, (v, t) in enumerate(zip(valid, epoch_s), 1):
+        total += t
+        if v >= target - 1e-12:
+            return total, e
+    return None, None
+
+
+def time_to_quality_table(pairs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Per (dataset, model): RecBole's best valid NDCG@10 (the target), each side's wall time to first reach it, and
+    the final test metrics (mean ± 95% CI over seeds; with one seed ± 1.96 per-user standard errors)."""
+    from distillrec.evaluation.metrics import mean_ci
+    from distillrec.evaluation.report import fmt_number, markdown_table
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in pairs:
+        groups.setdefault((r["dataset"], r["model"]), []).append(r)
+    rows, out = [], []
+    for (ds, model), runs in groups.items():
+        per_seed = []
+        for r in runs:
+            o, b = r["ours"], r["recbole"]
+            target = max(b["valid_ndcg@10_per_epoch"])
+            t_o, e_o = time_to(target, o["valid_ndcg@10_per_epoch"], o["epoch_s_incl_valid"])
+            rb_epoch = [a + v for a, v in zip(b["train_s_per_epoch"], b["valid_s_per_epoch"])]
+            t_b, e_b = time_to(target, b["valid_ndcg@10_per_epoch"], rb_epoch)
+            per_seed.append({"seed": r["seed"], "target": target, "ours_s": t_o, "ours_epoch": e_o, "recbole_s": t_b,
+                             "recbole_epoch": e_b, "ours_best_valid": max(o["valid_ndcg@10_per_epoch"]),
+                             "ours_test": o["test"]["ndcg@10"], "recbole_test": b["test"]["ndcg@10"],
+                             "ours_se": o["test_per_user"]["ndcg@10_se"], "recbole_se": b["test_per_user"]["ndcg@10_se"],
+                             "ours_epochs": o["epochs_run"], "recbole_epochs": b["epochs_run"]})
+
+        def ci(key: str, se_key: str) -> str:
+            vals = [x[key] for x in per_seed]
+            if len(vals) == 1:
+                return f"{fmt_number(vals[0])} ± {fmt_number(1.96 * per_seed[0][se_key])}"
+            c = mean_ci(vals)
+            return f"{fmt_number(c['mean'])} ± {fmt_number(c['ci95'])}"
+
+        def secs(key: str, ep_key: str) -> str:
+            return "; ".join("not reached" if x[key] is None else f"{x[key]:.0f} s (epoch {x[ep_key]})"
+                             for x in per_seed)
+
+        ratio = [x["ours_s"] / x["recbole_s"] for x in per_seed if x["ours_s"] is not None and x["recbole_s"]]
+        rows.append([ds, model, str(len(per_seed)), "; ".join(fmt_number(x["target"]) for x in per_seed),
+                     secs("ours_s", "ours_epoch"), secs("recbole_s", "recbole_epoch"),
+                     fmt_number(float(np.mean(ratio)), 3) if ratio else "–",
+                     "; ".join(f"{x['ours_epochs']} / {x['recbole_epochs']}" for x in per_seed),
+                     ci("ours_test", "ours_se"), ci("recbole_test", "recbole_se")])
+        out.append({"dataset": ds, "model": model, "seeds": per_seed})
+    head = ["dataset", "model", "seeds", "target: RecBole's best valid NDCG@10", "ours: time to target",
+            "RecBole: time to target", "time ratio", "epochs run ours / RecBole", "test NDCG@10 ours",
+            "test NDCG@10 RecBole"]
+    return markdown_table(head, rows), out
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
@@ -385,7 +510,9 @@ def summarise_pair(ds: str, model: str, ours: dict[str, Any], rb: dict[str, Any]
             "best_epoch": {"ours": ours["best_epoch"], "recbole": rb["best_epoch"]},
             "steps_per_epoch": {"ours": ours["steps_per_epoch"], "recbole": rb["steps_per_epoch"]},
             "batch": {"ours": f"{ours['train_batch_size']} windows", "recbole": f"{rb['train_batch_size']} rows"},
-            "split_match": rb["split_match"]}
+            "split_match": rb["split_match"], "eval_gflops": ours.get("eval_gflops"),
+            "eval_pct_of_peak": ours.get("eval_pct_of_peak"), "gemm_peak_gflops": ours.get("gemm_peak_gflops"),
+            "rss_by_phase": ours.get("peak_rss_mb_by_phase")}
 
 
 def _mark(ok: bool) -> str:
@@ -398,8 +525,8 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     head = ["dataset", "model", "ours NDCG@10 ± se", "RecBole NDCG@10 ± se", "NDCG ratio (≥1 in CI)",
             "ours HR@10 ± se", "RecBole HR@10 ± se", "HR ratio (≥1 in CI)",
             "s/epoch ours", "s/epoch RecBole", "ratio (≤0.33)", "eval s ours", "eval s RecBole", "ratio (≤0.33)",
-            "RSS MB ours", "RSS MB RecBole", "ratio (≤0.5)", "epochs (best) ours / RecBole", "steps/epoch",
-            "split"]
+            "eval GFLOP/s ours (% of GEMM peak)", "RSS MB ours", "RSS MB RecBole", "ratio (≤0.5)",
+            "ours RSS MB load / train / eval", "epochs (best) ours / RecBole", "steps/epoch", "split"]
     table = []
     for r in rows:
         q, c = r["quality"], r["cost"]
@@ -416,8 +543,11 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"{fmt_number(c['epoch_s']['ratio'], 3)} {_mark(c['epoch_s']['ok'])}",
             fmt_number(c["eval_s"]["ours"], 2), fmt_number(c["eval_s"]["recbole"], 2),
             f"{fmt_number(c['eval_s']['ratio'], 2)} {_mark(c['eval_s']['ok'])}",
+            f"{fmt_number(r['eval_gflops'], 1)} ({fmt_number(r['eval_pct_of_peak'], 0)}% of "
+            f"{fmt_number(r['gemm_peak_gflops'], 0)})",
             fmt_number(c["peak_rss_mb"]["ours"], 0), fmt_number(c["peak_rss_mb"]["recbole"], 0),
             f"{fmt_number(c['peak_rss_mb']['ratio'], 2)} {_mark(c['peak_rss_mb']['ok'])}",
+            " / ".join(fmt_number((r["rss_by_phase"] or {}).get(k), 0) for k in ("load", "train", "evaluate")),
             f"{r['epochs']['ours']} ({r['best_epoch']['ours']}) / "
             f"{r['epochs']['recbole']} ({r['best_epoch']['recbole']})",
             f"{r['steps_per_epoch']['ours']} / {r['steps_per_epoch']['recbole']}",
@@ -447,8 +577,17 @@ def render_notes(result: dict[str, Any]) -> str:
         "- Quality: mean over test users ± standard error (HR: sqrt(p(1-p)/n); NDCG: std/sqrt(n) of per-user NDCG@10 "
         "— RecBole's from its own top-k hits). 'ok' = ours ≥ RecBole − 1.96·sqrt(se_ours² + se_RecBole²).",
         "- s/epoch: training only (no validation). eval s: one full-ranking pass over valid + test with the best "
-        "model (checkpoint loading excluded). RSS: peak resident set of each side's whole process "
-        "(import + data + training + evaluation). Targets: epoch and eval time ≤ 1/3 of RecBole's, memory ≤ 1/2.",
+        "model (checkpoint loading excluded; each side warm: ours after one untimed pass, RecBole after its own "
+        "valid and test evaluations); ours is `evaluation.evaluator.rank_valid_and_test`, what the trainer and "
+        "`distillrec evaluate` run. GFLOP/s: the pass's floating-point operations (torch's FLOP counter: matrix "
+        "products and attention; plus the GRU recurrences, counted as 6·(in + hidden)·hidden per position) over its "
+        "time, against this machine's fp32 GEMM peak with the same thread count (best of 1024³ products). RSS: peak "
+        "resident set of each side's whole process (import + data + training + evaluation); ours also per phase "
+        "(each phase's own peak). "
+        + (f"Ours with `ce_chunk: {a['ce_chunk']}` (CE over all items in chunks of that many positions: the "
+           "training logits of one batch never exceed that many rows; a model option, off by default because it "
+           "moves results at float-rounding level). " if a.get("ce_chunk") else "")
+        + "Targets: epoch and eval time ≤ 1/3 of RecBole's, memory ≤ 1/2.",
         f"- RecBole: {', '.join(f'{k} {v}' for k, v in env['recbole']['installed'].items())} in "
         f"{env['recbole']['venv']} "
         f"(pins: {' + '.join(' '.join(p) for p in (PINS['step1'], PINS['step2']))}, "
@@ -472,13 +611,23 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--epochs", type=int, default=20, help="epoch cap, the same on both sides (default 20)")
-    p.add_argument("--patience", type=int, default=5,
+    p.add_argument("--epochs", type=int, default=None, help="epoch cap, the same on both sides (default 20; "
+                                                            "200 with --time-to-quality)")
+    p.add_argument("--patience", type=int, default=None,
                    help="stop after this many epochs without a better valid NDCG@10 (both sides; default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (default 2)")
     p.add_argument("--our-batch", default="matched",
                    help="our training batch in windows: 'matched' (same optimiser steps per epoch as RecBole's "
                         "2048 rows; default) or an integer")
+    p.add_argument("--ce-chunk", type=int, default=2048,
+                   help="our models' ce_chunk (CE over all items in chunks of this many positions; 0: off). "
+                        "Default 2048, RecBole's batch of targets")
+    p.add_argument("--seeds", type=int, nargs="+", default=[SEED], help=f"seeds, both sides (default {SEED})")
+    p.add_argument("--time-to-quality", action="store_true",
+                   help="train both sides to convergence (--epochs 200 --patience 10 unless given) and write the "
+                        "time-to-quality table (<out>_time_to_quality.md): wall time until each side first reaches "
+                        "RecBole's best valid NDCG@10, and test metrics with CIs over --seeds")
+    p.add_argument("--fresh", action="store_true", help="rerun sides whose result is cached in _work/results")
     p.add_argument("--no-bucket", action="store_true",
                    help="our batches in shuffled order instead of length-bucketed (the table in the README used buckets)")
     p.add_argument("--out", default=str(HERE / "results" / "recbole_compare"),
@@ -486,6 +635,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(default benchmarks/results/recbole_compare)")
     p.add_argument("--_ours-worker", dest="ours_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.epochs = args.epochs or (200 if args.time_to_quality else 20)
+    args.patience = args.patience or (10 if args.time_to_quality else 5)
     if args.ours_worker:
         our_worker(args.ours_worker)
         return
@@ -506,17 +657,22 @@ def main(argv: list[str] | None = None) -> None:
         log(f"{ds}: {info['users']} users, {info['items']} items, {info['train_rows_prefix']} RecBole train rows, "
             f"{info['train_windows']} our windows -> our batch {batch}; {info['split_source']}")
         for model in args.models:
-            log(f"{ds} / {model}: ours")
-            ours = run_ours(info, model, args, batch)
-            log(f"  ours: {ours['epochs_run']} epochs, {ours['train_s_per_epoch_mean']:.2f} s/epoch, test NDCG@10 "
-                f"{ours['test']['ndcg@10']:.4f}, peak {ours['peak_rss_mb']:.0f} MB")
-            log(f"{ds} / {model}: RecBole {MODELS[model]}")
-            rb = run_recbole(info, model, args)
-            rb_ep = sum(rb["train_s_per_epoch"]) / max(1, len(rb["train_s_per_epoch"]))
-            log(f"  RecBole: {rb['epochs_run']} epochs, {rb_ep:.1f} s/epoch, test NDCG@10 {rb['test']['ndcg@10']:.4f},"
-                f" peak {rb['peak_rss_mb']:.0f} MB, split {'same' if rb['split_match']['ok'] else 'DIFFERS'}")
-            rows.append(summarise_pair(ds, model, ours, rb))
-            raw.append({"dataset": ds, "model": model, "ours": ours, "recbole": rb})
+            for seed in args.seeds:
+                log(f"{ds} / {model} / seed {seed}: ours")
+                ours = cached("ours", info, model, args, seed, batch,
+                              lambda: run_ours(info, model, args, batch, seed))
+                log(f"  ours: {ours['epochs_run']} epochs, {ours['train_s_per_epoch_mean']:.2f} s/epoch, test "
+                    f"NDCG@10 {ours['test']['ndcg@10']:.4f}, peak {ours['peak_rss_mb']:.0f} MB")
+                log(f"{ds} / {model} / seed {seed}: RecBole {MODELS[model]}")
+                rb = cached("recbole", info, model, args, seed, RECBOLE_BATCH,
+                            lambda: run_recbole(info, model, args, seed))
+                rb_ep = sum(rb["train_s_per_epoch"]) / max(1, len(rb["train_s_per_epoch"]))
+                log(f"  RecBole: {rb['epochs_run']} epochs, {rb_ep:.1f} s/epoch, test NDCG@10 "
+                    f"{rb['test']['ndcg@10']:.4f}, peak {rb['peak_rss_mb']:.0f} MB, split "
+                    f"{'same' if rb['split_match']['ok'] else 'DIFFERS'}")
+                if seed == args.seeds[0]:
+                    rows.append(summarise_pair(ds, model, ours, rb))
+                raw.append({"dataset": ds, "model": model, "seed": seed, "ours": ours, "recbole": rb})
     loads = [v for r in raw for side in ("ours", "recbole") for v in r[side]["loadavg_1min"].values()]
     result = {
         "args": vars(args) | {"ours_worker": None},
@@ -528,6 +684,21 @@ def main(argv: list[str] | None = None) -> None:
     }
     table, notes = render_table(rows), render_notes(result)
     out = Path(args.out)
+    if args.time_to_quality:
+        ttq, ttq_rows = time_to_quality_table(raw)
+        result["time_to_quality"] = ttq_rows
+        ttq_md = (f"# Time to quality: distillrec vs RecBole 1.2.1\n\n{ttq}\n\nBoth sides to convergence: epochs ≤ "
+                  f"{args.epochs}, early stopping after {args.patience} validations without improvement (RecBole "
+                  f"stopping_step={args.patience - 1}), {args.threads} torch thread(s) per side, seeds "
+                  f"{', '.join(map(str, args.seeds))}. Time = training + validation of the epochs up to the first "
+                  "whose valid NDCG@10 reaches the target (RecBole's best; data loading excluded on both sides). "
+                  "Test = each side's best-validation epoch, ± 95% CI over seeds (one seed: ± 1.96 per-user "
+                  "standard errors). Every other setting as in the main table's notes below.\n\n"
+                  f"Command: `{result['command']}` ({time.strftime('%Y-%m-%d %H:%M')}; 1-min load average "
+                  f"{result['load_range']} on {env['cpus']} CPUs)\n\n## The main table of the same runs\n\n"
+                  f"{table}\n\nNotes:\n{notes}\n")
+        Path(f"{out}_time_to_quality.md").write_text(ttq_md)
+        print(ttq_md)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
     # paths relative to the repository, so the committed results name no machine's folders

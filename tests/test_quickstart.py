@@ -80,3 +80,23 @@ def test_the_readme_quickstart_numbers_are_those_of_a_quickstart_report():
     assert set(numbers) == {"gr", "probe"}
     for phrase in numbers.values():
         assert phrase in flat, phrase
+
+
+def test_parallel_quickstart_runs_give_the_in_process_numbers(tmp_path):
+    # two one-thread `distillrec train` workers give exactly the metrics of the runs trained in this process
+    demo = {"name": "demo", "options": {"n_items": 90, "n_users": 160, "write_images": False}}
+    tiny = {"lm": {"name": "tiny", "seed": 0}, "multimodal": {"connector": "mlp"},
+            "image_features": "attributes_onehot", "text_fields": ["title", "category"], "text_view": None,
+            "knowledge": {"max_items": 16, "batch_size": 8, "gr_items": 4, "gr_max_new_tokens": 2},
+            "transfer": {"max_items": 16, "batch_size": 8}, "align": {"max_items": 16, "batch_size": 8},
+            "progress": False}
+    runs = [("pop", "pop", {}, {}),
+            ("gru4rec", "gru4rec", {"embedding_size": 16, "hidden_size": 16}, {"epochs": 2}),
+            ("dimo_tpad", "dimo", {"embedding_dim": 16, "features": qs.TPAD_FEATURES}, {"epochs": 1})]
+    metrics = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        qs.quickstart(out, seeds=[1], dataset_cfg=demo, tpad_overrides=tiny, runs=runs, workers=workers)
+        metrics[workers] = {n: json.loads((out / n / "metrics.json").read_text())["test"] for n, *_ in runs}
+    assert metrics[1] == metrics[2]
+    assert (tmp_path / "w2" / "logs" / "gru4rec.log").is_file()

@@ -32,3 +32,24 @@ def test_a_run_reports_peak_memory_by_phase(tmp_path, tiny_demo_config):
     by_phase = t["peak_rss_mb_by_phase"]
     assert set(by_phase) == {"load", "train", "evaluate", "per_phase"}
     assert all(0 < by_phase[k] <= t["peak_rss_mb"] for k in ("load", "train", "evaluate"))
+
+
+def test_the_thread_count_does_not_change_a_training_result(tmp_path, tiny_demo_config):
+    # config.auto_threads picks 1 or 2 threads by machine load: that must never change a number
+    import torch
+
+    from distillrec.runs import load_config
+    from distillrec.training.trainer import run
+
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            cfg = load_config({"model": {"name": "sasrec", "params": {"hidden_size": 32, "inner_size": 64}},
+                               "dataset": tiny_demo_config,
+                               "train": {"epochs": 2, "seeds": [1], "progress": False, "num_threads": threads}})
+            m = run(cfg, tmp_path / f"t{threads}")
+            results.append((m["test"], m["seeds"][0]["history"][-1]["train_loss"]))
+    finally:
+        torch.set_num_threads(before)
+    assert results[0] == results[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import ConfigError, DataError, UserError
+# before torch is imported (OpenMP reads it once): threads that wait sleep instead of spinning, so a job on a core
+# shared with another process does not burn that core waiting (config.auto_threads; benchmarks/shared_cpu.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .errors import ConfigError, DataError, UserError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLM-enhanced multimodal session recommendation.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, validate and export datasets.")

@@ -8,6 +8,7 @@ or misspelt key, a value out of range, a file that is not YAML or not UTF-8, an 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,12 @@ class RuntimeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads (None: torch's default)
+    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads (None: config.auto_threads)
     device: str | None = None  # LM jobs: cpu, cuda, cuda:N; None/auto: cuda:LOCAL_RANK when available, else cpu
     progress: bool = True  # progress bars with ETA
 
-    def apply(self) -> None:
-        set_num_threads(self.num_threads)
+    def apply(self) -> int:
+        return set_num_threads(self.num_threads)
 
 
 class JobSettings(RuntimeSettings):
@@ -42,12 +43,74 @@ class JobSettings(RuntimeSettings):
 RUNTIME_KEYS = set(RuntimeSettings.model_fields)
 
 
-def set_num_threads(n: int | None) -> None:
-    """The one place that sets torch's thread count (None: leave torch's default)."""
-    if n:
-        import torch
+def set_num_threads(n: int | None) -> int:
+    """The one place that sets torch's thread count; returns it. ``n`` None: :func:`auto_threads`."""
+    import torch
 
+    _AUTO["last"] = "num_threads set in the config" if n else f"auto: {_AUTO.get('reason') or ''}"
+    n = n or auto_threads()
+    if not _AUTO["last"].startswith("num_threads"):
+        _AUTO["last"] = f"auto: {_AUTO['reason']}"
+    if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    return n
+
+
+_AUTO: dict[str, Any] = {}
+
+
+def auto_threads() -> int:
+    """The default thread count: ``OMP_NUM_THREADS`` when set, else this process's CPUs minus those other processes
+    keep busy right now (sampled over 0.2 s from ``/proc/stat``, once per process), at least 1.
+
+    Why: torch's default takes every core, and on a machine shared with another CPU-bound process its threads then
+    wait on each other at every parallel region (measured on 2 cores: a training job beside one busy process ran
+    several times slower with 2 threads than with 1; ``benchmarks/shared_cpu.py``). The CLI also sets OpenMP's
+    wait policy to PASSIVE (``distillrec.cli``), so a thread that waits sleeps instead of spinning on a shared core.
+    The choice and its reason are in ``auto_threads_reason()``, which the trainer writes to ``train.log``."""
+    if "n" in _AUTO:
+        return _AUTO["n"]
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        _AUTO.update(n=int(env), reason=f"OMP_NUM_THREADS={env}")
+        return _AUTO["n"]
+    import torch
+
+    cpus = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+               torch.get_num_threads())
+    busy = other_busy_cpus()
+    n = max(1, cpus - int(round(busy))) if busy is not None else cpus
+    _AUTO.update(n=n, reason=f"{cpus} CPU(s), {busy if busy is None else round(busy, 2)} kept busy by other "
+                             "processes")
+    return n
+
+
+def auto_threads_reason() -> str:
+    """Why the last :func:`set_num_threads` chose its count."""
+    return _AUTO.get("last", "torch's default")
+
+
+def other_busy_cpus(interval: float = 0.2) -> float | None:
+    """How many CPUs other processes keep busy, from two reads of ``/proc/stat`` (None where there is none)."""
+    import time
+
+    def read() -> tuple[int, int, int]:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        ticks = [int(x) for x in fields[:8]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(ticks), ticks[3] + ticks[4], int(own[11]) + int(own[12])  # total, idle + iowait, our utime+stime
+
+    try:
+        t0, idle0, self0 = read()
+        time.sleep(interval)
+        t1, idle1, self1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    n_cpu = sum(1 for line in Path("/proc/stat").read_text().splitlines() if line[:3] == "cpu" and line[3:4].isdigit())
+    if t1 <= t0 or not n_cpu:
+        return None
+    busy_ticks = (t1 - t0) - (idle1 - idle0) - (self1 - self0)
+    return max(0.0, busy_ticks / ((t1 - t0) / n_cpu))
 
 
 def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:

@@ -15,6 +15,8 @@ the results table in the README's own format and the keyword-generation and prob
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,15 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from .config import auto_threads
 from .data.embeddings import attach_item_embeddings
 from .data.loaders import load_dataset
 from .evaluation.report import Panel, fmt_number, markdown_table, plot_panels, pyplot, save_figure
 from .files import atomic_write_text, folder_lock
 from .methods.tpad.config import TPADConfig
 from .methods.tpad.pipeline import run_tpad
-from .runs import compare_runs, load_config
+from .errors import UserError
+from .runs import RunConfig, compare_runs, dump_config, load_config
 from .training.trainer import run
 
 DEMO = {"name": "demo"}
@@ -78,19 +82,72 @@ QUICKSTART_RUNS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
 
 def quickstart(out: Path, seeds: list[int] | None = None, console: Console | None = None, *,
                dataset_cfg: dict[str, Any] | None = None, tpad_overrides: dict[str, Any] | None = None,
-               runs: list[tuple[str, str, dict[str, Any], dict[str, Any]]] | None = None) -> Path:
+               runs: list[tuple[str, str, dict[str, Any], dict[str, Any]]] | None = None,
+               workers: int | None = None) -> Path:
     """Run the main job into ``out``. ``dataset_cfg``, ``tpad_overrides`` (merged into ``QUICKSTART_TPAD`` one
-    level deep) and ``runs`` exist for tests and experiments; the command uses the defaults."""
+    level deep) and ``runs`` exist for tests and experiments; the command uses the defaults. ``workers``: how many
+    of the downstream runs train at once, each a ``distillrec train`` process with one thread (default
+    ``config.auto_threads()``: the CPUs other processes leave free); 1 trains them one after the other in this
+    process. The thread count changes no result (tests/test_resources.py), so neither does ``workers``."""
     console = console or Console()
     demo = dataset_cfg or DEMO
     runs = QUICKSTART_RUNS if runs is None else runs
     with folder_lock(out) as out:  # one quickstart writes a folder at a time
-        return _quickstart(out, seeds, console, demo, tpad_overrides, runs)
+        return _quickstart(out, seeds, console, demo, tpad_overrides, runs, workers)
+
+
+def _train_runs(jobs: list[tuple[str, RunConfig]], out: Path, dataset: Any, workers: int, console: Console,
+                elapsed: Any) -> None:
+    """Train every (name, config) into ``out/<name>``: in this process when ``workers`` is 1, else ``workers`` at a
+    time as ``distillrec train`` subprocesses with one torch thread each (small models use a second thread poorly:
+    on 2 cores two one-thread runs finish sooner than the same two runs one after the other with two threads).
+    Finished runs are reused either way; a failed run stops the quickstart with its log's last lines."""
+
+    def done(name: str, metrics: dict[str, Any]) -> None:
+        console.print(
+            f"    {name}: valid ndcg@10 {metrics['valid']['ndcg@10']:.4f}  test hr@10 {metrics['test']['hr@10']:.4f} "
+            f"ndcg@10 {metrics['test']['ndcg@10']:.4f}  ({metrics['timing']['train_s']:.0f}s training, "
+            f"elapsed {elapsed()})", highlight=False)
+
+    if workers <= 1:
+        for i, (name, cfg) in enumerate(jobs, 1):
+            console.print(f"[{i}/{len(jobs)}] {name} (elapsed {elapsed()})")
+            done(name, run(cfg, out / name, dataset=dataset))
+        return
+    # longest first (DIMO), so the last job to start is a short one
+    pending = sorted(jobs, key=lambda j: j[1].model.name != "dimo")
+    running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    (out / "logs").mkdir(exist_ok=True)
+    while pending or running:
+        while pending and len(running) < workers:
+            name, cfg = pending.pop(0)
+            cfg_path = out / "logs" / f"{name}.yaml"
+            one_thread = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": 1,
+                                                                                      "progress": False})})
+            atomic_write_text(cfg_path, dump_config(one_thread))
+            log_path = out / "logs" / f"{name}.log"
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "distillrec", "train", str(cfg_path), "--out",
+                                         str(out / name)], stdout=log, stderr=subprocess.STDOUT)
+            running[name] = (proc, log_path)
+            console.print(f"  started {name} (elapsed {elapsed()}; log {log_path})", highlight=False)
+        time.sleep(0.2)
+        for name, (proc, log_path) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0:
+                for other, _ in running.values():
+                    other.terminate()
+                tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
+                raise UserError(f"quickstart: the run '{name}' failed (exit {proc.returncode}); its log "
+                                  f"{log_path} ends: {tail}")
+            done(name, json.loads((out / name / "metrics.json").read_text()))
 
 
 def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict[str, Any],
-                tpad_overrides: dict[str, Any] | None, runs: list[tuple[str, str, dict[str, Any], dict[str, Any]]]
-                ) -> Path:
+                tpad_overrides: dict[str, Any] | None, runs: list[tuple[str, str, dict[str, Any], dict[str, Any]]],
+                workers: int | None = None) -> Path:
     t0 = time.perf_counter()
     elapsed = lambda: f"{time.perf_counter() - t0:.0f}s"  # noqa: E731
     console.print("[bold]distillrec quickstart[/bold]: generating the demo shop (no download) ...")
@@ -107,23 +164,18 @@ def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict
     attach_item_embeddings(dataset, "tpad", emb_dir)  # the raw encoder features were attached by TPAD's data step
     with_tpad = {**demo, "embeddings": {"tpad": str(emb_dir.resolve())}}
 
-    run_dirs = []
-    for i, (name, model, params, train) in enumerate(runs, 1):
-        console.print(f"[{i}/{len(runs)}] {name} (elapsed {elapsed()})")
+    jobs = []
+    for name, model, params, train in runs:
         features = params.get("features", [])
-        cfg = load_config(
-            {
-                "model": {"name": model, "params": params},
-                "dataset": with_tpad if set(features) & set(TPAD_FEATURES) else demo,
-                "train": {"patience": 3, "batch_size": 256, "seeds": seeds or [1, 2, 3], **train},
-            }
-        )
-        metrics = run(cfg, out / name, dataset=dataset)
-        console.print(
-            f"    valid ndcg@10 {metrics['valid']['ndcg@10']:.4f}  test hr@10 {metrics['test']['hr@10']:.4f} "
-            f"ndcg@10 {metrics['test']['ndcg@10']:.4f}  ({metrics['timing']['train_s']:.0f}s training)"
-        )
-        run_dirs.append(out / name)
+        jobs.append((name, load_config({
+            "model": {"name": model, "params": params},
+            "dataset": with_tpad if set(features) & set(TPAD_FEATURES) else demo,
+            "train": {"patience": 3, "batch_size": 256, "seeds": seeds or [1, 2, 3], **train},
+        })))
+    workers = workers or auto_threads()
+    console.print(f"[bold]{len(jobs)} runs[/bold] (elapsed {elapsed()}), {workers} at a time")
+    _train_runs(jobs, out, dataset, min(workers, len(jobs)), console, elapsed)
+    run_dirs = [out / name for name, _ in jobs]
     table = compare_runs(run_dirs)
     curves = plot_tpad_curves(tpad_report, out / "tpad_curves.png")
     pca = plot_id_vs_modality(out / "dimo_tpad", dataset, out / "dimo_tpad_pca.png")

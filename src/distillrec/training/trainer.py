@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import logging
 import sys
 import time
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from ..data.batching import causal_batch, causal_windows, example_batch, length_bucketed_batches
 from ..data.dataset import Dataset
 from ..data.loaders import load_dataset
+from ..config import auto_threads_reason
 from ..errors import ConfigError
 from ..evaluation.evaluator import rank_examples, rank_valid_and_test, summarise
 from ..evaluation.metrics import aggregate_seeds
@@ -377,6 +379,8 @@ def _run_in_folder(cfg: RunConfig, folder: RunFolder, dataset: Dataset, resume: 
     logger.info(f"model {cfg.model.name} on {dataset.name}: {json.dumps(dataset.statistics())}")
     logger.info(f"protocol {protocol['hash']}: {json.dumps(protocol)}")
     logger.info(f"loader report: {dataset.report.summary()}")
+    logger.info(f"torch threads {torch.get_num_threads()} ({auto_threads_reason()}); OpenMP wait policy "
+                f"{os.environ.get('OMP_WAIT_POLICY', 'default')}")
     warnings = _feature_warnings(cfg, dataset)
     for w in warnings:
         logger.warning(f"warning: {w}")
