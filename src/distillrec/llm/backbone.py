@@ -56,8 +56,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def default_cache_root() -> Path:
-    """``$DISTILLREC_CACHE`` or ``~/.cache/distillrec``."""
-    return Path(os.environ.get("DISTILLREC_CACHE", "~/.cache/distillrec")).expanduser()
+    """The same root as the data and feature caches: ``$DISTILLREC_CACHE_DIR``, else ``$XDG_CACHE_HOME/distillrec``,
+    else ``~/.cache/distillrec`` (``$DISTILLREC_CACHE``, this function's older name for it, still works)."""
+    root = os.environ.get("DISTILLREC_CACHE_DIR") or os.environ.get("DISTILLREC_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "distillrec"
 
 
 def _is_offline(offline: bool | None) -> bool:

@@ -74,6 +74,21 @@ class Block(nn.Module):
         x = self.ln1(x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, H))))
         return self.ln2(x + self.drop(self.ff(x)))
 
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The block's output at ``positions`` [B, k] only (evaluation: no dropout). Keys and values still cover
+        every position, queries, projection and feed-forward only the k asked for: the last block of a scoring
+        pass needs one position per row, not L."""
+        B, L, H = x.shape
+        k, h = positions.shape[1], self.n_heads
+        w, b = self.qkv.weight, self.qkv.bias
+        kv = F.linear(x, w[H:], b[H:]).view(B, L, 2, h, H // h).permute(2, 0, 3, 1, 4)
+        xa = x.gather(1, positions[..., None].expand(B, k, H))
+        q = F.linear(xa, w[:H], b[:H]).view(B, k, h, H // h).transpose(1, 2)
+        causal = torch.arange(L, device=x.device)[None, None, :] <= positions[:, :, None]  # [B, k, L]
+        a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=causal[:, None])
+        xa = self.ln1(xa + self.proj(a.transpose(1, 2).reshape(B, k, H)))
+        return self.ln2(xa + self.ff(xa))
+
 
 @register_model("sasrec")
 class SASRec(SequentialRecommender):
@@ -113,6 +128,15 @@ class SASRec(SequentialRecommender):
         for block in self.blocks:
             x = block(x)
         return x  # [B, L, hidden_size]
+
+    def encode_at(self, history: torch.Tensor, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.training:  # dropout: the full pass, so training draws the same random numbers as ever
+            return super().encode_at(history, table, positions)
+        L = history.shape[1]
+        x = self.emb_ln(F.embedding(history, table, padding_idx=0) + self.pos_emb.weight[:L])
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.blocks[-1].forward_at(x, positions)
 
     def eval_window(self, history: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.config.max_len

@@ -84,6 +84,11 @@ class SequentialRecommender(Recommender):
         neg_score = (h * table[neg]).sum(-1)
         return -F.logsigmoid(pos_score - neg_score).mean()  # = RecBole's -log(sigmoid(pos - neg)), but stable
 
+    def encode_at(self, history: torch.Tensor, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``encode`` at ``positions`` [B, k] only, [B, k, d] (a model may compute less, e.g. SASRec's last block)."""
+        h = self.encode(history, table)
+        return h.gather(1, positions[..., None].expand(*positions.shape, h.shape[-1]).to(h.device))
+
     def eval_window(self, history: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The part of an evaluation history the encoder reads (default: all of it; SASRec keeps its last max_len)."""
         return history, lengths
@@ -97,10 +102,9 @@ class SequentialRecommender(Recommender):
         # the values are those of ``score``, which is this with ``out=None``
         table = self.item_table()
         history, lengths = self.eval_window(batch["history"], batch["lengths"])
-        h = self.encode(history, table)
         # right padding: the representation of the whole history sits at position length - 1
-        last = (lengths - 1).clamp(min=0).to(h.device)
-        h = h[torch.arange(h.shape[0], device=h.device), last]
+        last = (lengths - 1).clamp(min=0).to(history.device)
+        h = self.encode_at(history, table, last[:, None])[:, 0]
         scores = torch.mm(h, table.T) if out is None else torch.mm(h, table.T, out=out[: h.shape[0]])
         scores[:, 0] = -torch.inf  # padding is never recommended
         return scores
@@ -113,11 +117,10 @@ class SequentialRecommender(Recommender):
         item. The evaluator uses this to rank validation (history h -> target v) and test (h + [v] -> t) rows of a
         leave-one-out split together. Rows need length >= 2 and must not be cut by ``eval_window``."""
         table = self.item_table()
-        h = self.encode(batch["history"], table)
-        rows = torch.arange(h.shape[0], device=h.device)
-        last = (batch["lengths"] - 1).to(h.device)
-        before = torch.mm(h[rows, last - 1], table.T, out=out_before[: h.shape[0]])
-        after = torch.mm(h[rows, last], table.T, out=out_last[: h.shape[0]])
+        last = (batch["lengths"] - 1).to(batch["history"].device)
+        h = self.encode_at(batch["history"], table, torch.stack([last - 1, last], dim=1))
+        before = torch.mm(h[:, 0], table.T, out=out_before[: h.shape[0]])
+        after = torch.mm(h[:, 1], table.T, out=out_last[: h.shape[0]])
         before[:, 0] = -torch.inf
         after[:, 0] = -torch.inf
         return before, after
