@@ -394,8 +394,11 @@ def cached(side: str, info: dict[str, Any], model: str, args, seed: int, batch: 
     path = WORK / "results" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
     if path.is_file() and not args.fresh:
         log(f"  {side}: reusing {path.name}")
-        return json.loads(path.read_text())
+        res = json.loads(path.read_text())
+        res.setdefault("computed_at", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime)))
+        return res
     res = fn()
+    res["computed_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res))
     return res
@@ -594,6 +597,10 @@ def render_notes(result: dict[str, Any]) -> str:
         "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1); ours: distillrec on "
         f"torch {env['ours_torch']}, Python {env['python']}; host {env['host']} ({env['cpus']} CPUs).",
         "- split column: RecBole's own per-user valid/test items compared with ours ('same' = every user identical).",
+        "- Each side's result is cached (`benchmarks/_work/results`, keyed by everything that changes it, ours also by "
+        "the git commit) and reused by a rerun; these sides were computed at: "
+        + "; ".join(f"{r['dataset']} {r['model']}: ours {r['ours'].get('computed_at', 'this run')}, RecBole "
+                    f"{r['recbole'].get('computed_at', 'this run')}" for r in result["runs"]) + ".",
         f"- 1-min load average around the runs: {result['load_range']} on {env['cpus']} CPUs; other busy processes "
         "distort every timing (with 2 threads on 2 shared cores, a busy neighbour slowed both sides up to ~8x here).",
     ])
