@@ -19,7 +19,7 @@ def test_each_phase_reports_its_own_peak_and_the_process_peak_survives():
     d = peaks.as_dict()
     assert d["per_phase"] is True
     assert d["big"] - d["small"] > 250
-    assert resources.peak_rss_mb() >= d["big"]
+    assert resources.peak_rss_mb() >= d["big"] - 0.05  # the phase value is rounded to 0.1 MB
 
 
 def test_a_run_reports_peak_memory_by_phase(tmp_path, tiny_demo_config):
