@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
 
 
 def _train_runs(jobs: list[tuple[str, RunConfig]], out: Path, dataset: Any, workers: int, console: Console,
-                elapsed: Any) -> None:
+                elapsed: Any, subprocesses: bool | None = None) -> None:
     """Train every (name, config) into ``out/<name>``: in this process when ``workers`` is 1, else ``workers`` at a
     time as ``distillrec train`` subprocesses with one torch thread each (small models use a second thread poorly:
     on 2 cores two one-thread runs finish sooner than the same two runs one after the other with two threads).
@@ -109,7 +110,7 @@ def _train_runs(jobs: list[tuple[str, RunConfig]], out: Path, dataset: Any, work
             f"ndcg@10 {metrics['test']['ndcg@10']:.4f}  ({metrics['timing']['train_s']:.0f}s training, "
             f"elapsed {elapsed()})", highlight=False)
 
-    if workers <= 1:
+    if not (workers > 1 if subprocesses is None else subprocesses):
         for i, (name, cfg) in enumerate(jobs, 1):
             console.print(f"[{i}/{len(jobs)}] {name} (elapsed {elapsed()})")
             done(name, run(cfg, out / name, dataset=dataset))
@@ -154,16 +155,8 @@ def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict
     dataset = load_dataset(demo)
     console.print(f"  {dataset.statistics()}")
 
-    console.print(f"[bold]TPAD[/bold] (elapsed {elapsed()}): knowledge -> transfer -> alignment -> embeddings")
-    recipe = {**QUICKSTART_TPAD, "dataset": demo, "out": str(out / "tpad")}
-    for k, v in (tpad_overrides or {}).items():
-        recipe[k] = {**recipe[k], **v} if isinstance(v, dict) and isinstance(recipe.get(k), dict) else v
-    tpad_cfg = TPADConfig(**recipe)
-    tpad_report = run_tpad(tpad_cfg, dataset=dataset, log=lambda s: console.print(f"    {s}", highlight=False))
     emb_dir = out / "tpad" / "embeddings"
-    attach_item_embeddings(dataset, "tpad", emb_dir)  # the raw encoder features were attached by TPAD's data step
     with_tpad = {**demo, "embeddings": {"tpad": str(emb_dir.resolve())}}
-
     jobs = []
     for name, model, params, train in runs:
         features = params.get("features", [])
@@ -172,9 +165,38 @@ def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict
             "dataset": with_tpad if set(features) & set(TPAD_FEATURES) else demo,
             "train": {"patience": 3, "batch_size": 256, "seeds": seeds or [1, 2, 3], **train},
         })))
+    # decided once, before anything runs (auto_threads is computed once per process): TPAD keeps this thread count
     workers = workers or auto_threads()
-    console.print(f"[bold]{len(jobs)} runs[/bold] (elapsed {elapsed()}), {workers} at a time")
-    _train_runs(jobs, out, dataset, min(workers, len(jobs)), console, elapsed)
+    # runs on the shop's own columns need nothing from TPAD's data step (encoder features) or its embeddings: with
+    # two workers one of them trains those, one thread, while TPAD runs
+    encoded = set(TPAD_FEATURES) | set(RAW_FEATURES)
+    early = [j for j in jobs if workers > 1 and not set(j[1].model.params.get("features", [])) & encoded]
+    late = [j for j in jobs if j not in early]
+    failure: list[BaseException] = []
+
+    def train_early() -> None:
+        try:
+            _train_runs(early, out, dataset, 1, console, elapsed, subprocesses=True)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
+            failure.append(e)
+
+    beside = threading.Thread(target=train_early, daemon=True) if early else None
+    if beside is not None:
+        console.print(f"[bold]{len(early)} runs[/bold] beside TPAD, one at a time: {', '.join(n for n, _ in early)}")
+        beside.start()
+    console.print(f"[bold]TPAD[/bold] (elapsed {elapsed()}): knowledge -> transfer -> alignment -> embeddings")
+    recipe = {**QUICKSTART_TPAD, "dataset": demo, "out": str(out / "tpad")}
+    for k, v in (tpad_overrides or {}).items():
+        recipe[k] = {**recipe[k], **v} if isinstance(v, dict) and isinstance(recipe.get(k), dict) else v
+    tpad_cfg = TPADConfig(**recipe)
+    tpad_report = run_tpad(tpad_cfg, dataset=dataset, log=lambda s: console.print(f"    {s}", highlight=False))
+    attach_item_embeddings(dataset, "tpad", emb_dir)  # the raw encoder features were attached by TPAD's data step
+    if beside is not None:
+        beside.join()
+        if failure:
+            raise failure[0]
+    console.print(f"[bold]{len(late)} runs[/bold] (elapsed {elapsed()}), {workers} at a time")
+    _train_runs(late, out, dataset, min(workers, max(1, len(late))), console, elapsed)
     run_dirs = [out / name for name, _ in jobs]
     table = compare_runs(run_dirs)
     curves = plot_tpad_curves(tpad_report, out / "tpad_curves.png")
