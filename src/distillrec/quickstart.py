@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from .config import auto_threads
@@ -98,11 +99,12 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
 
 
 def _train_runs(jobs: list[tuple[str, RunConfig]], out: Path, dataset: Any, workers: int, console: Console,
-                elapsed: Any, subprocesses: bool | None = None) -> None:
+                elapsed: Any) -> None:
     """Train every (name, config) into ``out/<name>``: in this process when ``workers`` is 1, else ``workers`` at a
     time as ``distillrec train`` subprocesses with one torch thread each (small models use a second thread poorly:
     on 2 cores two one-thread runs finish sooner than the same two runs one after the other with two threads).
-    Finished runs are reused either way; a failed run stops the quickstart with its log's last lines."""
+    Runs on the encoder features TPAD's data step attached (``RAW_FEATURES``) train in this process, as one of the
+    ``workers``. Finished runs are reused either way; a failed run stops the quickstart with its log's last lines."""
 
     def done(name: str, metrics: dict[str, Any]) -> None:
         console.print(
@@ -110,40 +112,76 @@ def _train_runs(jobs: list[tuple[str, RunConfig]], out: Path, dataset: Any, work
             f"ndcg@10 {metrics['test']['ndcg@10']:.4f}  ({metrics['timing']['train_s']:.0f}s training, "
             f"elapsed {elapsed()})", highlight=False)
 
-    if not (workers > 1 if subprocesses is None else subprocesses):
+    if workers <= 1:
         for i, (name, cfg) in enumerate(jobs, 1):
             console.print(f"[{i}/{len(jobs)}] {name} (elapsed {elapsed()})")
             done(name, run(cfg, out / name, dataset=dataset))
         return
     # longest first (DIMO), so the last job to start is a short one
     pending = sorted(jobs, key=lambda j: j[1].model.name != "dimo")
-    running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    running: dict[str, Any] = {}
     (out / "logs").mkdir(exist_ok=True)
-    while pending or running:
-        while pending and len(running) < workers:
-            name, cfg = pending.pop(0)
-            cfg_path = out / "logs" / f"{name}.yaml"
-            one_thread = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": 1,
-                                                                                      "progress": False})})
-            atomic_write_text(cfg_path, dump_config(one_thread))
-            log_path = out / "logs" / f"{name}.log"
-            with open(log_path, "w") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "distillrec", "train", str(cfg_path), "--out",
-                                         str(out / name)], stdout=log, stderr=subprocess.STDOUT)
-            running[name] = (proc, log_path)
-            console.print(f"  started {name} (elapsed {elapsed()}; log {log_path})", highlight=False)
-        time.sleep(0.2)
-        for name, (proc, log_path) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            if proc.returncode != 0:
-                for other, _ in running.values():
-                    other.terminate()
-                tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
-                raise UserError(f"quickstart: the run '{name}' failed (exit {proc.returncode}); its log "
-                                  f"{log_path} ends: {tail}")
-            done(name, json.loads((out / name / "metrics.json").read_text()))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)  # this process trains too (below), beside the workers: one thread each
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                name, cfg = pending.pop(0)
+                if set(cfg.feature_names()) & set(RAW_FEATURES):
+                    # the encoder features TPAD's data step attached (MiniLM over TPAD's text fields): a separate
+                    # process would encode every text field instead, so this run trains here, on this dataset
+                    running[name] = _InProcess(lambda cfg=cfg, name=name: run(cfg, out / name, dataset=dataset))
+                    console.print(f"  started {name} in this process (elapsed {elapsed()})", highlight=False)
+                    continue
+                cfg_path = out / "logs" / f"{name}.yaml"
+                one_thread = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": 1,
+                                                                                          "progress": False})})
+                atomic_write_text(cfg_path, dump_config(one_thread))
+                log_path = out / "logs" / f"{name}.log"
+                with open(log_path, "w") as log:
+                    running[name] = subprocess.Popen([sys.executable, "-m", "distillrec", "train", str(cfg_path),
+                                                      "--out", str(out / name)], stdout=log, stderr=subprocess.STDOUT)
+                console.print(f"  started {name} (elapsed {elapsed()}; log {log_path})", highlight=False)
+            time.sleep(0.2)
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode != 0:
+                    for other in running.values():
+                        if isinstance(other, subprocess.Popen):
+                            other.terminate()
+                    if isinstance(proc, _InProcess):
+                        raise proc.error
+                    log_path = out / "logs" / f"{name}.log"
+                    tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
+                    raise UserError(f"quickstart: the run '{name}' failed (exit {proc.returncode}); its log "
+                                    f"{log_path} ends: {tail}")
+                done(name, json.loads((out / name / "metrics.json").read_text()))
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+class _InProcess:
+    """A run trained in a thread of this process, polled like a worker process."""
+
+    def __init__(self, fn: Any):
+        self.error: BaseException | None = None
+        self.returncode: int | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised by the caller)
+            self.error = e
+
+    def poll(self) -> int | None:
+        if self._thread.is_alive():
+            return None
+        self.returncode = 1 if self.error is not None else 0
+        return self.returncode
 
 
 def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict[str, Any],
@@ -155,8 +193,16 @@ def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict
     dataset = load_dataset(demo)
     console.print(f"  {dataset.statistics()}")
 
+    console.print(f"[bold]TPAD[/bold] (elapsed {elapsed()}): knowledge -> transfer -> alignment -> embeddings")
+    recipe = {**QUICKSTART_TPAD, "dataset": demo, "out": str(out / "tpad")}
+    for k, v in (tpad_overrides or {}).items():
+        recipe[k] = {**recipe[k], **v} if isinstance(v, dict) and isinstance(recipe.get(k), dict) else v
+    tpad_cfg = TPADConfig(**recipe)
+    tpad_report = run_tpad(tpad_cfg, dataset=dataset, log=lambda s: console.print(f"    {s}", highlight=False))
     emb_dir = out / "tpad" / "embeddings"
+    attach_item_embeddings(dataset, "tpad", emb_dir)  # the raw encoder features were attached by TPAD's data step
     with_tpad = {**demo, "embeddings": {"tpad": str(emb_dir.resolve())}}
+
     jobs = []
     for name, model, params, train in runs:
         features = params.get("features", [])
@@ -165,38 +211,9 @@ def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict
             "dataset": with_tpad if set(features) & set(TPAD_FEATURES) else demo,
             "train": {"patience": 3, "batch_size": 256, "seeds": seeds or [1, 2, 3], **train},
         })))
-    # decided once, before anything runs (auto_threads is computed once per process): TPAD keeps this thread count
     workers = workers or auto_threads()
-    # runs on the shop's own columns need nothing from TPAD's data step (encoder features) or its embeddings: with
-    # two workers one of them trains those, one thread, while TPAD runs
-    encoded = set(TPAD_FEATURES) | set(RAW_FEATURES)
-    early = [j for j in jobs if workers > 1 and not set(j[1].model.params.get("features", [])) & encoded]
-    late = [j for j in jobs if j not in early]
-    failure: list[BaseException] = []
-
-    def train_early() -> None:
-        try:
-            _train_runs(early, out, dataset, 1, console, elapsed, subprocesses=True)
-        except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
-            failure.append(e)
-
-    beside = threading.Thread(target=train_early, daemon=True) if early else None
-    if beside is not None:
-        console.print(f"[bold]{len(early)} runs[/bold] beside TPAD, one at a time: {', '.join(n for n, _ in early)}")
-        beside.start()
-    console.print(f"[bold]TPAD[/bold] (elapsed {elapsed()}): knowledge -> transfer -> alignment -> embeddings")
-    recipe = {**QUICKSTART_TPAD, "dataset": demo, "out": str(out / "tpad")}
-    for k, v in (tpad_overrides or {}).items():
-        recipe[k] = {**recipe[k], **v} if isinstance(v, dict) and isinstance(recipe.get(k), dict) else v
-    tpad_cfg = TPADConfig(**recipe)
-    tpad_report = run_tpad(tpad_cfg, dataset=dataset, log=lambda s: console.print(f"    {s}", highlight=False))
-    attach_item_embeddings(dataset, "tpad", emb_dir)  # the raw encoder features were attached by TPAD's data step
-    if beside is not None:
-        beside.join()
-        if failure:
-            raise failure[0]
-    console.print(f"[bold]{len(late)} runs[/bold] (elapsed {elapsed()}), {workers} at a time")
-    _train_runs(late, out, dataset, min(workers, max(1, len(late))), console, elapsed)
+    console.print(f"[bold]{len(jobs)} runs[/bold] (elapsed {elapsed()}), {workers} at a time")
+    _train_runs(jobs, out, dataset, min(workers, len(jobs)), console, elapsed)
     run_dirs = [out / name for name, _ in jobs]
     table = compare_runs(run_dirs)
     curves = plot_tpad_curves(tpad_report, out / "tpad_curves.png")
