@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     res = {"command": cmd, "server_command": server.command, "run": str(args.run), "items": health["items"],
            "rounds": 2 * args.rounds, "rss_mb": rss, "hand": hand, "schemathesis": schema, "server_alive": alive}
     args.out.with_suffix(".vcr.yaml").unlink(missing_ok=True)  # large; the counts are in the JSON
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    # paths relative to the repository: committed results name no machine's folders
+    root = str(Path(__file__).resolve().parents[1]) + "/"
+    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1).replace(root, ""))
     args.out.with_suffix(".md").write_text(render(res))
     print(render(res))
 

@@ -14,6 +14,13 @@ pytest.importorskip("peft")
 from distillrec import quickstart as qs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# a small demo shop and a TPAD recipe with the tiny random LM: the whole quickstart in well under a minute
+TINY_DEMO = {"name": "demo", "options": {"n_items": 90, "n_users": 160, "write_images": False}}
+TINY_TPAD = {"lm": {"name": "tiny", "seed": 0}, "multimodal": {"connector": "mlp"},
+             "image_features": "attributes_onehot", "text_fields": ["title", "category"], "text_view": None,
+             "knowledge": {"max_items": 32, "batch_size": 8, "gr_items": 6, "gr_max_new_tokens": 4},
+             "transfer": {"max_items": 32, "batch_size": 8}, "align": {"max_items": 32, "batch_size": 8},
+             "progress": False}
 
 
 def test_quickstart_tpad_recipe_is_configs_tpad_demo():
@@ -23,12 +30,7 @@ def test_quickstart_tpad_recipe_is_configs_tpad_demo():
 
 
 def test_small_quickstart_runs_tpad_dimo_and_writes_the_report(tmp_path):
-    demo = {"name": "demo", "options": {"n_items": 90, "n_users": 160, "write_images": False}}
-    tiny = {"lm": {"name": "tiny", "seed": 0}, "multimodal": {"connector": "mlp"},
-            "image_features": "attributes_onehot", "text_fields": ["title", "category"], "text_view": None,
-            "knowledge": {"max_items": 32, "batch_size": 8, "gr_items": 6, "gr_max_new_tokens": 4},
-            "transfer": {"max_items": 32, "batch_size": 8}, "align": {"max_items": 32, "batch_size": 8},
-            "progress": False}
+    demo, tiny = TINY_DEMO, TINY_TPAD
     runs = [("pop", "pop", {}, {}),
             ("dimo_tpad", "dimo", {"embedding_dim": 16, "features": qs.TPAD_FEATURES}, {"epochs": 1}),
             ("fused_sasrec_tpad", "fused_sasrec", {"features": qs.TPAD_FEATURES}, {"epochs": 1})]
@@ -84,12 +86,7 @@ def test_the_readme_quickstart_numbers_are_those_of_a_quickstart_report():
 
 def test_parallel_quickstart_runs_give_the_in_process_numbers(tmp_path):
     # two one-thread `distillrec train` workers give exactly the metrics of the runs trained in this process
-    demo = {"name": "demo", "options": {"n_items": 90, "n_users": 160, "write_images": False}}
-    tiny = {"lm": {"name": "tiny", "seed": 0}, "multimodal": {"connector": "mlp"},
-            "image_features": "attributes_onehot", "text_fields": ["title", "category"], "text_view": None,
-            "knowledge": {"max_items": 16, "batch_size": 8, "gr_items": 4, "gr_max_new_tokens": 2},
-            "transfer": {"max_items": 16, "batch_size": 8}, "align": {"max_items": 16, "batch_size": 8},
-            "progress": False}
+    demo, tiny = TINY_DEMO, TINY_TPAD
     runs = [("pop", "pop", {}, {}),
             ("gru4rec", "gru4rec", {"embedding_size": 16, "hidden_size": 16}, {"epochs": 2}),
             ("dimo_tpad", "dimo", {"embedding_dim": 16, "features": qs.TPAD_FEATURES}, {"epochs": 1})]

@@ -31,8 +31,8 @@ def pessimistic_ranks(
     option honest for datasets with repeats).
 
     This is the evaluator's hot loop (a [B, n] compare-and-count per batch): the scores are not copied (unless
-    history is masked), and the count runs over blocks of rows that stay in cache, summed in int32 — 4x faster than
-    one ``(scores >= t).sum(1)`` over the whole matrix, with identical results (``tests/test_metrics.py`` checks it
+    history is masked), and the count runs over blocks of rows that stay in cache, summed in int32 (faster than one
+    ``(scores >= t).sum(1)`` over the whole matrix; benchmarks/eval_paths.py), with identical results (``tests/test_metrics.py`` checks it
     against the direct formula).
     """
     scores = scores.detach()
