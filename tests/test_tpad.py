@@ -19,6 +19,7 @@ from distillrec.methods.tpad.model import (  # noqa: E402
     ViewContrast,
     contrastive_loss,
     meta_pairs,
+    similarity_distillation,
 )
 from distillrec.methods.tpad import pipeline as tpad  # noqa: E402
 from distillrec.methods.tpad.config import TPADConfig  # noqa: E402
@@ -263,9 +264,8 @@ def _planted_catalogue(root, n=40, users=300, length=6, seed=0):
     return write_planted_transitions(root, n, users, length, seed)
 
 
-def test_a_planted_transition_reaches_the_transfer_states_and_the_probe_reports_where_it_is(tmp_path):
-    _planted_catalogue(tmp_path / "data")
-    cfg = TPADConfig(**{
+def _planted_cfg(tmp_path, out, align):
+    return TPADConfig(**{
         "dataset": {"name": "toy", "format": "s3rec", "path": str(tmp_path / "data")},
         "lm": {"name": "tiny", "seed": 0}, "multimodal": {"connector": "mlp", "lora_r": 8, "lora_dropout": 0.0},
         "image_features": "attributes_onehot", "text_fields": ["textual_id"], "text_view": None,
@@ -273,10 +273,17 @@ def test_a_planted_transition_reaches_the_transfer_states_and_the_probe_reports_
         "knowledge": {"epochs": 1, "batch_size": 16, "gr_items": 0},
         "transfer": {"epochs": 5, "steps_per_epoch": 20, "batch_size": 16, "lr": 0.01, "heldout_pairs": 64,
                      "context_items": 0},
-        "align": {"epochs": 2, "batch_size": 16, "export": "h_dl"},
-        "embed_batch_size": 32, "progress": False, "out": str(tmp_path / "run")})
-    r = run_tpad(cfg, log=lambda s: None)
-    p = r["probe"]
+        # stage 2b's budget as in benchmarks/tpad_planted.py: 40 epochs of the 40 items at lr 5e-3
+        "align": {"epochs": 40, "batch_size": 16, "lr": 0.005, "export": "h_dl", **align},
+        "embed_batch_size": 32, "progress": False, "out": str(tmp_path / out)})
+
+
+def test_a_planted_transition_reaches_the_transfer_states_and_stage_2b_carries_it_into_the_export(tmp_path):
+    import shutil
+
+    _planted_catalogue(tmp_path / "data")
+    cfg = _planted_cfg(tmp_path, "na", {"gamma1": 0.0, "gamma2": 0.0})  # TPAD-NA: the same steps, no alignment
+    p = run_tpad(cfg, log=lambda s: None)["probe"]
     chance = p["transfer states"]["valid"]["chance_hr@10"]
     # the raw features and the Knowledge tower (never trained on transitions) know nothing of the cycle; the
     # trained Transfer tower's states retrieve the next item
@@ -286,8 +293,35 @@ def test_a_planted_transition_reaches_the_transfer_states_and_the_probe_reports_
     assert p["transfer states"]["valid"]["hr@10"] > chance + 0.2
     # every representation is probed, the distilled projection included, and the report shows the table
     assert {"knowledge after stage 1", "exported (final)", "exported D_L(h)"} <= set(p)
-    assert "## Transition probe" in (tmp_path / "run" / "report.md").read_text()
-    ds = load_dataset({**cfg.dataset.model_dump(), "embeddings": {"tpad": str(tmp_path / "run" / "embeddings")}})
+    assert "## Transition probe" in (tmp_path / "na" / "report.md").read_text()
+    ds = load_dataset({**cfg.dataset.model_dump(), "embeddings": {"tpad": str(tmp_path / "na" / "embeddings")}})
     assert ds.items.features["tpad_distilled"].shape == (41, cfg.align.d_proj)
-    items = json.loads((tmp_path / "run" / "knowledge" / "items.json").read_text())
+    items = json.loads((tmp_path / "na" / "knowledge" / "items.json").read_text())
     assert len(items) == 40 and len(set(items)) == 40
+    # stage 2b with the neighbourhood distillation (gamma3), from the same stages 1 and 2a: the exported h itself
+    # now retrieves the planted next item, far above the stage-1 embedding and the same steps without alignment
+    for d in ("knowledge", "transfer", "states"):
+        shutil.copytree(tmp_path / "na" / d, tmp_path / "sim" / d)
+    q = run_tpad(_planted_cfg(tmp_path, "sim", {"gamma3": 1.0}), log=lambda s: None)["probe"]
+    assert q["knowledge after stage 1"] == p["knowledge after stage 1"]  # the same stage 1, reused
+    exported, before, na = (x["valid"]["mrr"] for x in (q["exported (final)"], p["knowledge after stage 1"],
+                                                         p["exported (final)"]))
+    assert exported > 1.5 * before and exported > 1.3 * na, (exported, before, na)
+    assert q["exported (final)"]["valid"]["hr@10"] > chance + 0.05
+
+
+def test_similarity_distillation_is_zero_on_the_teachers_geometry_and_moves_only_the_student():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(12, 6, generator=g)
+    # the same geometry with its columns permuted, rescaled and shifted (what the batch standardisation removes):
+    # nothing to distil
+    same = teacher[:, torch.randperm(6, generator=g)] * torch.rand(6, generator=g).add(0.5) + 7.0
+    assert float(similarity_distillation(same, teacher, 0.1)) == pytest.approx(0.0, abs=1e-5)
+    student = torch.randn(12, 8, generator=g, requires_grad=True)
+    t = teacher.clone().requires_grad_(True)
+    loss = similarity_distillation(student, t, 0.1)
+    assert float(loss.detach()) > 0.1
+    loss.backward()
+    assert student.grad is not None and float(student.grad.abs().sum()) > 0
+    assert t.grad is None  # the teacher (the frozen Transfer states) gets no gradient
+    assert float(similarity_distillation(student[:2], teacher[:2], 0.1)) == 0.0

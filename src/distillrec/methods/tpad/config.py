@@ -49,6 +49,9 @@ class AlignConfig(TPADStageSettings):
     modality_dropout: float = Field(0.3, ge=0, lt=1)
     # the lower bound maximised between D_L(h) and D_T(t): the seed's MINE, or InfoNCE on cosines (geometric)
     lower_bound: Literal["mine", "cosine_infonce"] = "mine"
+    # weight of the neighbourhood distillation from the Transfer states straight into h (no projector between them:
+    # model.similarity_distillation); 0 = the seed's loss alone
+    gamma3: float = Field(0.0, ge=0)
     freeze_dt: bool = False  # D_T (the Transfer side's projector) stays at its seeded initialisation
     # "h": export [h_img; h_txt]; "h_dl": also D_L(h), the projection MINE aligns with D_T(t) (feature tpad_distilled)
     export: Literal["h", "h_dl"] = "h"

@@ -130,6 +130,27 @@ class TransitionContrast(nn.Module):
                 "chance_top1": 1 / len(a)}
 
 
+def similarity_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Neighbourhood distillation from ``teacher`` [N, d_t] into ``student`` [N, d_s], with no trainable map between
+    them: each row's softmax over its cosines to the other rows of the batch (columns standardised over the batch, the
+    row itself left out) in the student is pulled to the teacher's, KL(p_teacher || p_student). The term acts on the
+    student itself, so what it learns is in the student's own geometry (the exported embedding), not in a projector
+    that could absorb it; zero when every row is the same item."""
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-6)
+        return F.normalize(x, dim=-1)
+
+    n = len(student)
+    if n < 3:
+        return student.sum() * 0.0
+    eye = torch.eye(n, dtype=torch.bool, device=student.device)
+    s, t = unit(student), unit(teacher.to(student.device)).detach()
+    log_p_s = F.log_softmax((s @ s.t() / temperature).masked_fill(eye, float("-inf")), dim=-1)
+    p_t = F.softmax((t @ t.t() / temperature).masked_fill(eye, float("-inf")), dim=-1)
+    return (p_t * (torch.log(p_t.clamp_min(1e-12)) - log_p_s.masked_fill(eye, 0.0))).sum(-1).mean()
+
+
 def _projector(d_in: int, d_out: int) -> nn.Sequential:
     # standardised input as in _head; normalised output, so no loss can be lowered by shrinking a projection
     return nn.Sequential(nn.BatchNorm1d(d_in, affine=False), nn.Linear(d_in, d_out), nn.GELU(),

@@ -50,7 +50,7 @@ from ...training.stages import Stage, autocast_context, seeded
 from .config import KNOWLEDGE, STAGES, TRANSFER, TPADConfig, load_tpad_config
 from .data import TPADData
 from .keywords import generation_rate
-from .model import KnowledgeHeads, TransitionalPatternAlignment, TransitionContrast, meta_pairs
+from .model import KnowledgeHeads, TransitionalPatternAlignment, TransitionContrast, meta_pairs, similarity_distillation
 from .report import render_markdown
 
 # what a TPAD run writes into its folder: --restart removes these and nothing else
@@ -313,10 +313,15 @@ def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, lo
             est_opt.step()
         mi = tpa(hh, hl, tt)
         total = loss + a.gamma1 * mi["club"] - a.gamma2 * mi["mine"]
+        extra = {}
+        if a.gamma3 > 0:
+            sd = similarity_distillation(parts["h"], t, cfg.temperature)
+            total = total + a.gamma3 * sd
+            extra["similarity"] = float(sd.detach())
         total.backward()
         est_opt.zero_grad(set_to_none=True)  # the encoder step must not leak into the estimators
         return {"loss": float(total.detach()), **{n: float(v.detach()) for n, v in parts.items() if n != "h"},
-                "club": float(mi["club"].detach()), "mine": float(mi["mine"].detach())}
+                "club": float(mi["club"].detach()), "mine": float(mi["mine"].detach()), **extra}
 
     # no epoch-0 evaluation: it would repeat stage 1's last one
     return stage.run(mm, heads, [opt, est_opt], len(items), step,
