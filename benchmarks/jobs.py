@@ -1,4 +1,4 @@
-"""The job runner of the results scripts: ``distillrec`` subprocesses with one torch thread, ``workers`` at a time,
+"""The job runner of the results scripts: ``distillrec`` subprocesses with ``threads`` torch threads (default one), ``workers`` at a time,
 in dependency order; a job whose ``done`` file exists is skipped, so a rerun after a kill continues."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def run_jobs(jobs: list[dict], workers: int, out: Path, before_start: Callable[[dict], None] | None = None) -> None:
+def run_jobs(jobs: list[dict], workers: int, out: Path, before_start: Callable[[dict], None] | None = None,
+             threads: int = 1) -> None:
     """``jobs``: dicts with ``name``, ``cmd`` (argv), ``done`` (a Path that exists when the job has finished) and
     ``deps`` (names). Logs go to ``<out>/logs/<name>.log``; a failed job stops the runner (finished jobs stay)."""
     pending = [j for j in jobs if not j["done"].exists()]
     done = {j["name"] for j in jobs if j["done"].exists()}
     running: dict[str, tuple[subprocess.Popen, float]] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     while pending or running:

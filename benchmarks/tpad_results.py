@@ -59,6 +59,8 @@ ABLATIONS = {
     # issue 10: alignment that reaches the export
     "gamma1": ["align.gamma1=1", "align.gamma2=1"],
     "cosine": ["align.lower_bound=cosine_infonce", "align.freeze_dt=true"],
+    # the seed's terms plus the neighbourhood distillation from the Transfer states straight into h
+    "similarity": ["align.gamma3=1"],
 }
 # every two-tower variant also exports D_L(h) (feature tpad_distilled): it adds a tensor, the h features are the same
 EXPORT_DL = ["align.export=h_dl"]
@@ -72,13 +74,14 @@ def split_variant(name: str) -> tuple[str, int | None]:
     return (base, int(seed)) if sep and seed.isdigit() else (name, None)
 
 
-def tpad_job(short: str, variant: str, out: Path) -> dict:
+def tpad_job(short: str, variant: str, out: Path, extra: list[str] = (), threads: int = 1) -> dict:
+    """``extra``: ``--set`` overrides for every TPAD run (before the variant's own), e.g. the GPU script's sizes."""
     base, seed = split_variant(variant)
     suffix = "" if seed is None else f"-s{seed}"
-    sets = ABLATIONS.get(base, []) + ([] if base == "single" else EXPORT_DL)
+    sets = [*extra, *ABLATIONS.get(base, []), *([] if base == "single" else EXPORT_DL)]
     sets += [] if seed is None else [f"seed={seed}"]
     cmd = ["distillrec", "tpad", str(ROOT / "configs" / "tpad" / f"{short}.yaml"), "--out", str(out / "tpad" / variant),
-           "--set", "num_threads=1", "--set", "progress=false"]
+           "--set", f"num_threads={threads}", "--set", "progress=false"]
     for s in sets:
         cmd += ["--set", s]
     return {"name": f"tpad_{variant}", "cmd": cmd, "done": out / "tpad" / variant / "embeddings" /
@@ -86,9 +89,11 @@ def tpad_job(short: str, variant: str, out: Path) -> dict:
             [f"tpad_full{suffix}"], "variant": variant, "reuse_from": f"full{suffix}"}
 
 
-def train_job(name: str, config: Path, out: Path, seeds: list[int], sets: list[str], deps: list[str]) -> dict:
+def train_job(name: str, config: Path, out: Path, seeds: list[int], sets: list[str], deps: list[str],
+              threads: int = 1) -> dict:
     cmd = ["distillrec", "train", str(config), "--out", str(out / "runs" / name), "--resume",
-           "--set", f"train.seeds={json.dumps(seeds)}", "--set", "train.num_threads=1", "--set", "train.progress=false"]
+           "--set", f"train.seeds={json.dumps(seeds)}", "--set", f"train.num_threads={threads}",
+           "--set", "train.progress=false"]
     for s in sets:
         cmd += ["--set", s]
     return {"name": name, "cmd": cmd, "done": out / "runs" / name / "metrics.json", "deps": deps}
@@ -256,6 +261,15 @@ def main(argv: list[str] | None = None) -> str:
                          "TPAD-NA; the other ablations keep the recipe's one TPAD seed)")
     ap.add_argument("--seeded-dimo-only", action="store_true",
                     help="the extra TPAD seeds feed DIMO on h only (not fused SASRec/GRU4Rec, not D_L(h))")
+    ap.add_argument("--tpad-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a --set override for every TPAD run (repeatable), e.g. autocast=bf16, device=cuda")
+    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a --set override for every downstream run (repeatable), e.g. train.device=cuda")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
+    ap.add_argument("--fused", nargs="*", default=["fused_sasrec", "fused_gru4rec"],
+                    help="the fused models trained on the full variant's embeddings (default: fused_sasrec "
+                         "fused_gru4rec)")
+    ap.add_argument("--no-dl", action="store_true", help="no dimo_tpad_dl* runs (DIMO on [h; D_L(h)])")
     args = ap.parse_args(argv)
     short = args.dataset.removeprefix("amazon2018-")
     out = args.out or ROOT / "runs" / "results" / short
@@ -265,12 +279,12 @@ def main(argv: list[str] | None = None) -> str:
         variants = ["full"] + [v for v in args.only if v != "full"]
     variants = [v + suffix for v in variants
                 for suffix in ["", *(f"-s{t}" for t in (args.tpad_seeds if v in args.seeded_variants else []))]]
-    jobs = [tpad_job(short, v, out) for v in variants]
+    jobs = [tpad_job(short, v, out, args.tpad_set, args.threads) for v in variants]
     names = []
     cfg_dir = ROOT / "configs" / args.dataset
     for b in (BASELINES if args.baselines is None else args.baselines):
         if (cfg_dir / f"{b}.yaml").is_file():
-            jobs.append(train_job(b, cfg_dir / f"{b}.yaml", out, args.seeds, [], []))
+            jobs.append(train_job(b, cfg_dir / f"{b}.yaml", out, args.seeds, args.train_set, [], args.threads))
             names.append(b)
     groups: dict[str, list[str]] = {}  # run name without the TPAD seed -> its runs over TPAD seeds
     for v in variants:
@@ -279,18 +293,19 @@ def main(argv: list[str] | None = None) -> str:
         emb = out / "tpad" / v / "embeddings"
         sets = [f"dataset.embeddings={json.dumps({'tpad': str(emb)})}", "model.params.features=[tpad_image,tpad_text]"]
         runs = [(m, f"{m}_tpad" + ("" if base == "full" else f"_{base}"), sets[1:])
-                for m in (["dimo", "fused_sasrec", "fused_gru4rec"] if base == "full" and not (
+                for m in (["dimo", *args.fused] if base == "full" and not (
                     seed is not None and args.seeded_dimo_only) else ["dimo"])]
-        if base != "single" and not (seed is not None and args.seeded_dimo_only):  # DIMO on h and D_L(h)
+        if base != "single" and not args.no_dl and not (seed is not None and args.seeded_dimo_only):  # on D_L(h)
             runs.append(("dimo", "dimo_tpad_dl" + ("" if base == "full" else f"_{base}"),
                          ["model.params.features=[tpad_image,tpad_text,tpad_distilled]"]))
         for model, name, feats in runs:
             if (cfg_dir / f"{model}.yaml").is_file():
-                jobs.append(train_job(name + suffix, cfg_dir / f"{model}.yaml", out, args.seeds, [sets[0], *feats],
-                                      [f"tpad_{v}"]))
+                jobs.append(train_job(name + suffix, cfg_dir / f"{model}.yaml", out, args.seeds,
+                                      [*args.train_set, sets[0], *feats], [f"tpad_{v}"], args.threads))
                 names.append(name + suffix)
                 groups.setdefault(name, []).append(name + suffix)
-    run_jobs(jobs, args.workers, out, before_start=lambda j: copy_reusable(out, j["variant"], j["reuse_from"])
+    run_jobs(jobs, args.workers, out, threads=args.threads,
+             before_start=lambda j: copy_reusable(out, j["variant"], j["reuse_from"])
              if j.get("variant") and j["deps"] else None)
     text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n" + table(out, names, args.dataset)
@@ -298,7 +313,8 @@ def main(argv: list[str] | None = None) -> str:
             + "\n" + probe_table(out, variants, args.dataset))
     tpad_times = {v: json.loads((out / "tpad" / v / "report.json").read_text())["seconds"]["total"] for v in variants
                   if (out / "tpad" / v / "report.json").is_file()}
-    text += "\nTPAD wall time per variant (s, one torch thread, two jobs at a time): " + json.dumps(tpad_times) + "\n"
+    text += (f"\nTPAD wall time per variant (s, {args.threads} torch thread(s) per job, {args.workers} jobs at a time): "
+             + json.dumps(tpad_times) + "\n")
     res = ROOT / "benchmarks" / "results"
     res.mkdir(exist_ok=True)
     (res / f"{args.results_name or 'tpad_' + short}.md").write_text(text)
