@@ -386,11 +386,12 @@ def run_recbole(info: dict[str, Any], model: str, args, seed: int = SEED) -> dic
 def cached(side: str, info: dict[str, Any], model: str, args, seed: int, batch: int, fn) -> dict[str, Any]:
     """One side's result, kept in ``_work/results`` under a key of everything that changes it: a rerun after a kill
     reuses the finished sides (``--fresh`` ignores them)."""
+    ours = side == "ours"  # our batch size, chunked CE and batch order change our side only
     key = {"side": side, "dataset": info["name"], "fingerprint": info["fingerprint"], "model": model, "seed": seed,
-           "epochs": args.epochs, "patience": args.patience, "threads": args.threads, "batch": batch,
-           "ce_chunk": args.ce_chunk if side == "ours" else None, "bucket": not args.no_bucket,
+           "epochs": args.epochs, "patience": args.patience, "threads": args.threads, "batch": batch if ours else None,
+           "ce_chunk": args.ce_chunk if ours else None, "bucket": not args.no_bucket if ours else None,
            # our side changes with our code: its results are reused only at the same commit
-           "commit": _commit() if side == "ours" else None}
+           "commit": _commit() if ours else None}
     path = WORK / "results" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
     if path.is_file() and not args.fresh:
         log(f"  {side}: reusing {path.name}")

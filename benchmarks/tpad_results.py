@@ -270,9 +270,16 @@ def main(argv: list[str] | None = None) -> str:
                     help="the fused models trained on the full variant's embeddings (default: fused_sasrec "
                          "fused_gru4rec)")
     ap.add_argument("--no-dl", action="store_true", help="no dimo_tpad_dl* runs (DIMO on [h; D_L(h)])")
+    ap.add_argument("--probe-only", action="store_true",
+                    help="run nothing: print the transition-probe table of the finished TPAD runs <out>/tpad/<variant> "
+                         "named by --only")
     args = ap.parse_args(argv)
     short = args.dataset.removeprefix("amazon2018-")
     out = args.out or ROOT / "runs" / "results" / short
+    if args.probe_only:
+        text = probe_table(out, args.only or ["full"], args.dataset)
+        print(text or f"no finished TPAD run with a probe under {out / 'tpad'}")
+        return text
     out.mkdir(parents=True, exist_ok=True)
     variants = ["full"] + ([] if args.no_ablations else list(ABLATIONS))
     if args.only is not None:

@@ -325,3 +325,15 @@ def test_similarity_distillation_is_zero_on_the_teachers_geometry_and_moves_only
     assert student.grad is not None and float(student.grad.abs().sum()) > 0
     assert t.grad is None  # the teacher (the frozen Transfer states) gets no gradient
     assert float(similarity_distillation(student[:2], teacher[:2], 0.1)) == 0.0
+
+
+def test_neighbour_batches_draw_from_each_items_nearest_transfer_states():
+    # two tight clusters in t: every item's nearest items are the other members of its own cluster
+    g = torch.Generator().manual_seed(0)
+    # (every column carries the clusters: the similarity standardises columns, so a pure-noise column would count)
+    centres = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    t = torch.cat([centres[0] + 0.1 * torch.randn(6, 2, generator=g), centres[1] + 0.1 * torch.randn(6, 2, generator=g)])
+    nearest = tpad._nearest_in(t, 4)
+    assert nearest.shape == (12, 4)
+    for i, row in enumerate(nearest):
+        assert i not in row and all((j < 6) == (i < 6) for j in row), (i, row)

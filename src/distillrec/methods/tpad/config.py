@@ -52,6 +52,10 @@ class AlignConfig(TPADStageSettings):
     # weight of the neighbourhood distillation from the Transfer states straight into h (no projector between them:
     # model.similarity_distillation); 0 = the seed's loss alone
     gamma3: float = Field(0.0, ge=0)
+    # > 1: each batch is batch_size / neighbour_batches items drawn as usual, each with neighbour_batches - 1 of its
+    # nearest items in the Transfer states (drawn from its 2 x as many nearest), so the batch holds the close
+    # neighbourhoods that gamma3 distils (a random batch of 16 from 1,585 items rarely does); 0 or 1: plain batches
+    neighbour_batches: int = Field(0, ge=0)
     freeze_dt: bool = False  # D_T (the Transfer side's projector) stays at its seeded initialisation
     # "h": export [h_img; h_txt]; "h_dl": also D_L(h), the projection MINE aligns with D_T(t) (feature tpad_distilled)
     export: Literal["h", "h_dl"] = "h"

@@ -300,9 +300,15 @@ def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, lo
     main_params = [p for p in _trainable(mm, heads) if id(p) not in est_ids]
     opt = torch.optim.AdamW(main_params, lr=a.lr, weight_decay=a.weight_decay)
     est_opt = torch.optim.Adam(est_params, lr=a.estimator_lr)
+    nearest = _nearest_in(t_states, 2 * (a.neighbour_batches - 1)) if a.neighbour_batches > 1 else None
     mm.train()
 
     def step(idx: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+        if nearest is not None:  # anchors and some of their nearest items in t (indices into the stage items)
+            k = a.neighbour_batches
+            anchors = idx[: max(1, len(idx) // k)]
+            picks = [rng.choice(nearest[i], k - 1, replace=False) for i in anchors]
+            idx = np.concatenate([anchors, *picks])[: len(idx)]
         b = items[idx]
         loss, parts = _knowledge_losses(cfg, data, mm, view_heads, b, rng, a.modality_dropout)
         t = t_states[torch.from_numpy(idx)].to(parts["h"].device)
@@ -326,6 +332,17 @@ def stage_align(cfg: TPADConfig, data: TPADData, mm: MultimodalLM, out: Path, lo
     # no epoch-0 evaluation: it would repeat stage 1's last one
     return stage.run(mm, heads, [opt, est_opt], len(items), step,
                      lambda: generation_rates(cfg, data, mm, data.gr_items), log, evaluate_before=False)
+
+
+def _nearest_in(states: torch.Tensor, m: int) -> np.ndarray:
+    """``[n, m]``: each row's ``m`` nearest other rows by cosine over standardised columns (the probe's similarity)."""
+    from ...evaluation.probe import standardised_unit_rows
+
+    z = torch.from_numpy(standardised_unit_rows(np.concatenate([np.zeros((1, states.shape[1]), np.float32),
+                                                                states.float().numpy()]))[1:])
+    sims = z @ z.t()
+    sims.fill_diagonal_(-float("inf"))
+    return sims.topk(min(m, len(z) - 1), dim=1).indices.numpy()
 
 
 def _stage_key(cfg: TPADConfig, stage: str) -> dict[str, Any]:
