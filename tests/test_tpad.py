@@ -302,7 +302,12 @@ def test_a_planted_transition_reaches_the_transfer_states_and_stage_2b_carries_i
     # now retrieves the planted next item, far above the stage-1 embedding and the same steps without alignment
     for d in ("knowledge", "transfer", "states"):
         shutil.copytree(tmp_path / "na" / d, tmp_path / "sim" / d)
-    q = run_tpad(_planted_cfg(tmp_path, "sim", {"gamma3": 1.0}), log=lambda s: None)["probe"]
+    cfg_sim = _planted_cfg(tmp_path, "sim", {"gamma3": 1.0}).model_copy(update={"probe_mi": True})
+    r = run_tpad(cfg_sim, log=lambda s: None)
+    q = r["probe"]
+    # the fitted MI estimates of what is exported come with the probe when asked for (values: tested below)
+    assert set(r["mi_to_transfer"]) == {"knowledge after stage 1", "exported (final)", "exported D_L(h)"}
+    assert "What the export holds of the Transfer states" in (tmp_path / "sim" / "report.md").read_text()
     assert q["knowledge after stage 1"] == p["knowledge after stage 1"]  # the same stage 1, reused
     exported, before, na = (x["valid"]["mrr"] for x in (q["exported (final)"], p["knowledge after stage 1"],
                                                          p["exported (final)"]))
@@ -337,3 +342,16 @@ def test_neighbour_batches_draw_from_each_items_nearest_transfer_states():
     assert nearest.shape == (12, 4)
     for i, row in enumerate(nearest):
         assert i not in row and all((j < 6) == (i < 6) for j in row), (i, row)
+
+
+def test_fitted_mi_estimates_see_a_dependence_and_not_its_shuffle():
+    from distillrec.methods.tpad.mutual_information import fitted_mi_estimates
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 40, generator=g)
+    y = x[:, :20] @ torch.randn(20, 30, generator=g) + 0.5 * torch.randn(600, 30, generator=g)
+    dep = fitted_mi_estimates(x, y, dims=16, steps=300)
+    assert dep["mine_heldout"] > 1.0 and dep["mine_heldout"] > dep["mine_shuffled_heldout"] + 1.0
+    assert dep["club_heldout"] > dep["club_shuffled_heldout"] + 1.0
+    indep = fitted_mi_estimates(x, torch.randn(600, 30, generator=g), dims=16, steps=300)
+    assert abs(indep["mine_heldout"]) < 0.5 and indep["mine_heldout"] < dep["mine_heldout"] - 1.0

@@ -85,6 +85,9 @@ class TPADConfig(JobSettings):
     save_every: int = Field(50, ge=1)  # steps between checkpoints (and at every epoch end)
     autocast: Literal["off", "bf16"] = "off"  # the LM stages' steps under torch.autocast(bfloat16)
     probe: bool = True  # the transition probe of every item representation at the end (report: "Probe")
+    # with the probe: MINE / vCLUB estimates between the Transfer states and what is exported, from estimators fitted
+    # afresh after training (mutual_information.fitted_mi_estimates; ~10 s per representation on one CPU thread)
+    probe_mi: bool = False
     out: str = "runs/tpad"
 
     @model_validator(mode="after")

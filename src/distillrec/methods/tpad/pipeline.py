@@ -409,6 +409,8 @@ def run_tpad(cfg: TPADConfig, stages: Sequence[str] = STAGES, *, restart: bool =
             t0 = time.perf_counter()
             ds = dataset if dataset is not None else (data.ds if need else load_dataset(cfg.dataset))
             report["probe"] = transition_probes(cfg, ds, out)
+            if cfg.probe_mi:
+                report["mi_to_transfer"] = mi_to_transfer(out, cfg.seed)
             report["seconds"]["probe"] = round(time.perf_counter() - t0, 2)
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str))
@@ -474,6 +476,31 @@ def transition_probes(cfg: TPADConfig, ds: Dataset, out: Path) -> dict[str, Any]
     if "distilled" in final:
         emb["exported D_L(h)"] = final["distilled"]
     return probe_table(emb, ds)
+
+
+def mi_to_transfer(out: Path, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Fresh MINE / vCLUB estimates (:func:`~.mutual_information.fitted_mi_estimates`) of the MI between the Transfer
+    states and the Knowledge embedding after stage 1, the final export and D_L(h), over every item: whether the
+    alignment put transition information into what is exported, not only into stage 2b's projectors. Empty without
+    the Transfer states (one tower)."""
+    from safetensors.torch import load_file
+
+    from ...data.embeddings import EMBEDDINGS_FILE
+    from .mutual_information import fitted_mi_estimates
+
+    t_path = out / "states" / "transfer.safetensors"
+    if not t_path.is_file():
+        return {}
+    t = load_file(str(t_path))["states"][1:]
+    reps: dict[str, torch.Tensor] = {}
+    k1 = out / "states" / "knowledge_stage1.safetensors"
+    if k1.is_file():
+        reps["knowledge after stage 1"] = load_file(str(k1))["states"][1:]
+    final = load_file(str(out / "embeddings" / EMBEDDINGS_FILE))
+    reps["exported (final)"] = torch.cat([final["image"], final["text"]], 1)[1:]
+    if "distilled" in final:
+        reps["exported D_L(h)"] = final["distilled"][1:]
+    return {name: fitted_mi_estimates(x, t, seed=seed) for name, x in reps.items()}
 
 
 def _summary(state: dict[str, Any]) -> dict[str, Any]:

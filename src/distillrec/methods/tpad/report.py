@@ -51,6 +51,16 @@ def render_markdown(r: dict[str, Any]) -> str:
         rows = [[name, fmt_number(v["valid"]["hr@10"], 4), fmt_number(v["valid"]["mrr"], 4),
                  fmt_number(v["test"]["hr@10"], 4), fmt_number(v["test"]["mrr"], 4)] for name, v in p.items()]
         lines += [markdown_table(["embedding", "valid HR@10", "valid MRR", "test HR@10", "test MRR"], rows), ""]
+    if r.get("mi_to_transfer"):
+        lines += ["## What the export holds of the Transfer states", "",
+                  "MI estimates between each representation and the Transfer states from estimators fitted afresh "
+                  "after training (both sides standardised, first 32 principal components; fitted on 80% of the "
+                  "items, read on the other 20%), beside the same on shuffled pairs (no dependence).", ""]
+        rows = [[name, *(fmt_number(v[k], 3) for k in ("mine_heldout", "mine_shuffled_heldout", "club_heldout",
+                                                       "club_shuffled_heldout"))]
+                for name, v in r["mi_to_transfer"].items()]
+        lines += [markdown_table(["representation", "MINE (lower)", "MINE, shuffled", "vCLUB (upper)",
+                                  "vCLUB, shuffled"], rows), ""]
     if r.get("embeddings"):
         e = r["embeddings"]
         lines += [f"Embeddings: `{e['path']}` ({e['n_items']} items, dims {e.get('dims')}).", ""]
