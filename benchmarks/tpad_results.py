@@ -340,8 +340,8 @@ def main(argv: list[str] | None = None) -> str:
     run_jobs(jobs, args.workers, out, threads=args.threads,
              before_start=lambda j: copy_reusable(out, j["variant"], j["reuse_from"])
              if j.get("variant") and j["deps"] else None)
-    text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py "
-            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n" + table(out, names, args.dataset)
+    command = " ".join(argv if argv is not None else sys.argv[1:]).replace(f"{ROOT}/", "")  # no machine paths
+    text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py {command}`\n\n" + table(out, names, args.dataset)
             + pooled_table(out, {g: r for g, r in groups.items() if len(r) > 1})
             + "\n" + probe_table(out, variants, args.dataset))
     tpad_times = {v: json.loads((out / "tpad" / v / "report.json").read_text())["seconds"]["total"] for v in variants
