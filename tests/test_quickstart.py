@@ -85,15 +85,40 @@ def test_the_readme_quickstart_numbers_are_those_of_a_quickstart_report():
 
 
 def test_parallel_quickstart_runs_give_the_in_process_numbers(tmp_path):
-    # two one-thread `distillrec train` workers give exactly the metrics of the runs trained in this process
+    # TPAD on one thread with one-thread `distillrec train` workers beside it gives exactly the embeddings and the
+    # metrics of everything run one after the other in this process; the run on the
+    # raw MiniLM features reads TPAD's text fields in its own process too (dataset.encoder_text_fields)
+    from safetensors.numpy import load_file
+
     demo, tiny = TINY_DEMO, TINY_TPAD
     runs = [("pop", "pop", {}, {}),
             ("gru4rec", "gru4rec", {"embedding_size": 16, "hidden_size": 16}, {"epochs": 2}),
+            ("dimo_raw", "dimo", {"embedding_dim": 16, "features": ["text_minilm"]}, {"epochs": 1}),
             ("dimo_tpad", "dimo", {"embedding_dim": 16, "features": qs.TPAD_FEATURES}, {"epochs": 1})]
-    metrics = {}
+    metrics, embeddings = {}, {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        qs.quickstart(out, seeds=[1], dataset_cfg=demo, tpad_overrides=tiny, runs=runs, workers=workers)
+        one_by_one = {**tiny, "num_threads": 1}  # what workers=2 gives TPAD (its float sums depend on the count)
+        qs.quickstart(out, seeds=[1], dataset_cfg=demo, tpad_overrides=tiny if workers > 1 else one_by_one,
+                      runs=runs, workers=workers)
         metrics[workers] = {n: json.loads((out / n / "metrics.json").read_text())["test"] for n, *_ in runs}
+        embeddings[workers] = load_file(str(out / "tpad" / "embeddings" / "item_embeddings.safetensors"))
     assert metrics[1] == metrics[2]
-    assert (tmp_path / "w2" / "logs" / "gru4rec.log").is_file()
+    assert embeddings[1].keys() == embeddings[2].keys()
+    for k in embeddings[1]:
+        assert (embeddings[1][k] == embeddings[2][k]).all(), k
+    for name in ("gru4rec", "dimo_raw", "dimo_tpad"):
+        assert (tmp_path / "w2" / "logs" / f"{name}.log").is_file()
+    raw_cfg = yaml.safe_load((tmp_path / "w2" / "dimo_raw" / "config.yaml").read_text())
+    assert raw_cfg["dataset"]["encoder_text_fields"] == ["title", "category"]
+    assert "encoder_text_fields" not in yaml.safe_load((tmp_path / "w2" / "pop" / "config.yaml").read_text())["dataset"]
+
+
+def test_a_run_names_an_unknown_encoder_text_field_and_gets_the_fields_there_are(tmp_path):
+    from distillrec.errors import ConfigError
+    from distillrec.runs import load_config, load_run_dataset
+
+    cfg = load_config({"model": {"name": "dimo", "params": {"features": ["text_minilm"]}},
+                       "dataset": {**TINY_DEMO, "encoder_text_fields": ["title", "colour_name"]}})
+    with pytest.raises(ConfigError, match=r"dataset.encoder_text_fields: unknown text field\(s\) \['colour_name'\]"):
+        load_run_dataset(cfg)

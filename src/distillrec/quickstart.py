@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .config import auto_threads
+from .config import auto_threads, set_num_threads
 from .data.embeddings import attach_item_embeddings
 from .data.loaders import load_dataset
+from .features.cache import encode_missing_features
 from .evaluation.report import Panel, fmt_number, markdown_table, plot_panels, pyplot, save_figure
 from .files import atomic_write_text, folder_lock
 from .methods.tpad.config import TPADConfig
@@ -88,9 +89,10 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
                workers: int | None = None) -> Path:
     """Run the main job into ``out``. ``dataset_cfg``, ``tpad_overrides`` (merged into ``QUICKSTART_TPAD`` one
     level deep) and ``runs`` exist for tests and experiments; the command uses the defaults. ``workers``: how many
-    of the downstream runs train at once, each a ``distillrec train`` process with one thread (default
-    ``config.auto_threads()``: the CPUs other processes leave free); 1 trains them one after the other in this
-    process. The thread count changes no result (tests/test_resources.py), so neither does ``workers``."""
+    CPUs the job uses (default ``config.auto_threads()``: those other processes leave free). Above 1, TPAD runs in
+    this process on half of them while the downstream runs train beside it, each a ``distillrec train`` process
+    with one thread, as soon as their inputs exist (:class:`_RunPool`), then ``workers`` at a time; 1 runs
+    everything one after the other in this process. The thread count changes no result (tests/test_resources.py), so neither does ``workers``."""
     console = console or Console()
     demo = dataset_cfg or DEMO
     runs = QUICKSTART_RUNS if runs is None else runs
@@ -98,90 +100,89 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
         return _quickstart(out, seeds, console, demo, tpad_overrides, runs, workers)
 
 
-def _train_runs(jobs: list[tuple[str, RunConfig]], out: Path, dataset: Any, workers: int, console: Console,
-                elapsed: Any) -> None:
-    """Train every (name, config) into ``out/<name>``: in this process when ``workers`` is 1, else ``workers`` at a
-    time as ``distillrec train`` subprocesses with one torch thread each (small models use a second thread poorly:
-    on 2 cores two one-thread runs finish sooner than the same two runs one after the other with two threads).
-    Runs on the encoder features TPAD's data step attached (``RAW_FEATURES``) train in this process, as one of the
-    ``workers``. Finished runs are reused either way; a failed run stops the quickstart with its log's last lines."""
-
-    def done(name: str, metrics: dict[str, Any]) -> None:
-        console.print(
-            f"    {name}: valid ndcg@10 {metrics['valid']['ndcg@10']:.4f}  test hr@10 {metrics['test']['hr@10']:.4f} "
-            f"ndcg@10 {metrics['test']['ndcg@10']:.4f}  ({metrics['timing']['train_s']:.0f}s training, "
-            f"elapsed {elapsed()})", highlight=False)
-
-    if workers <= 1:
-        for i, (name, cfg) in enumerate(jobs, 1):
-            console.print(f"[{i}/{len(jobs)}] {name} (elapsed {elapsed()})")
-            done(name, run(cfg, out / name, dataset=dataset))
-        return
-    # longest first (DIMO), so the last job to start is a short one
-    pending = sorted(jobs, key=lambda j: j[1].model.name != "dimo")
-    running: dict[str, Any] = {}
-    (out / "logs").mkdir(exist_ok=True)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)  # this process trains too (below), beside the workers: one thread each
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                name, cfg = pending.pop(0)
-                if set(cfg.feature_names()) & set(RAW_FEATURES):
-                    # the encoder features TPAD's data step attached (MiniLM over TPAD's text fields): a separate
-                    # process would encode every text field instead, so this run trains here, on this dataset
-                    running[name] = _InProcess(lambda cfg=cfg, name=name: run(cfg, out / name, dataset=dataset))
-                    console.print(f"  started {name} in this process (elapsed {elapsed()})", highlight=False)
-                    continue
-                cfg_path = out / "logs" / f"{name}.yaml"
-                one_thread = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": 1,
-                                                                                          "progress": False})})
-                atomic_write_text(cfg_path, dump_config(one_thread))
-                log_path = out / "logs" / f"{name}.log"
-                with open(log_path, "w") as log:
-                    running[name] = subprocess.Popen([sys.executable, "-m", "distillrec", "train", str(cfg_path),
-                                                      "--out", str(out / name)], stdout=log, stderr=subprocess.STDOUT)
-                console.print(f"  started {name} (elapsed {elapsed()}; log {log_path})", highlight=False)
-            time.sleep(0.2)
-            for name, proc in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[name]
-                if proc.returncode != 0:
-                    for other in running.values():
-                        if isinstance(other, subprocess.Popen):
-                            other.terminate()
-                    if isinstance(proc, _InProcess):
-                        raise proc.error
-                    log_path = out / "logs" / f"{name}.log"
-                    tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
-                    raise UserError(f"quickstart: the run '{name}' failed (exit {proc.returncode}); its log "
-                                    f"{log_path} ends: {tail}")
-                done(name, json.loads((out / name / "metrics.json").read_text()))
-    finally:
-        torch.set_num_threads(threads_before)
+def _train_runs(jobs: list[tuple[str, RunConfig]], out: Path, dataset: Any, console: Console, elapsed: Any) -> None:
+    """Train every (name, config) into ``out/<name>`` in this process, one after the other (finished runs are
+    reused as they are)."""
+    for i, (name, cfg) in enumerate(jobs, 1):
+        console.print(f"[{i}/{len(jobs)}] {name} (elapsed {elapsed()})")
+        _print_done(console, name, run(cfg, out / name, dataset=dataset), elapsed)
 
 
-class _InProcess:
-    """A run trained in a thread of this process, polled like a worker process."""
+def _print_done(console: Console, name: str, metrics: dict[str, Any], elapsed: Any) -> None:
+    console.print(
+        f"    {name}: valid ndcg@10 {metrics['valid']['ndcg@10']:.4f}  test hr@10 {metrics['test']['hr@10']:.4f} "
+        f"ndcg@10 {metrics['test']['ndcg@10']:.4f}  ({metrics['timing']['train_s']:.0f}s training, "
+        f"elapsed {elapsed()})", highlight=False)
 
-    def __init__(self, fn: Any):
+
+class _RunPool:
+    """Trains runs as ``distillrec train`` subprocesses with one torch thread each, at most ``slots`` at a time, in
+    a background thread, while this process runs TPAD. A job starts once its gate (a ``threading.Event``, or None)
+    is set: runs on TPAD's embeddings wait for TPAD, runs on the raw encoder features for those features (cached on
+    disk by then, so the subprocess loads them instead of encoding again). Small models use a second thread
+    poorly: on 2 cores, TPAD on one thread beside one-thread runs finishes the whole job sooner than TPAD on two
+    threads followed by the runs. The first failed run stops the pool; :meth:`join` raises its error."""
+
+    def __init__(self, jobs: list[tuple[str, RunConfig, threading.Event | None]], out: Path, slots: int,
+                 console: Console, elapsed: Any):
+        self.pending = list(jobs)
+        self.out, self.slots, self.console, self.elapsed = out, slots, console, elapsed
         self.error: BaseException | None = None
-        self.returncode: int | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._stop = threading.Event()
+        self._running: dict[str, subprocess.Popen] = {}
+        (out / "logs").mkdir(exist_ok=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
-    def _run(self, fn: Any) -> None:
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001  (re-raised by the caller)
-            self.error = e
+    def _launch(self, name: str, cfg: RunConfig) -> None:
+        cfg_path = self.out / "logs" / f"{name}.yaml"
+        one_thread = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": 1,
+                                                                                  "progress": False})})
+        atomic_write_text(cfg_path, dump_config(one_thread))
+        log_path = self.out / "logs" / f"{name}.log"
+        with open(log_path, "w") as log:
+            self._running[name] = subprocess.Popen([sys.executable, "-m", "distillrec", "train", str(cfg_path),
+                                                    "--out", str(self.out / name)],
+                                                   stdout=log, stderr=subprocess.STDOUT)
+        self.console.print(f"  started {name} (elapsed {self.elapsed()}; log {log_path})", highlight=False)
 
-    def poll(self) -> int | None:
-        if self._thread.is_alive():
-            return None
-        self.returncode = 1 if self.error is not None else 0
-        return self.returncode
+    def _loop(self) -> None:
+        try:
+            while (self.pending or self._running) and not self._stop.is_set():
+                for job in list(self.pending):
+                    name, cfg, gate = job
+                    if len(self._running) < self.slots and (gate is None or gate.is_set()):
+                        self.pending.remove(job)
+                        self._launch(name, cfg)
+                time.sleep(0.2)
+                for name, proc in list(self._running.items()):
+                    if proc.poll() is None:
+                        continue
+                    del self._running[name]
+                    if proc.returncode != 0:
+                        log_path = self.out / "logs" / f"{name}.log"
+                        tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
+                        raise UserError(f"quickstart: the run '{name}' failed (exit {proc.returncode}); its log "
+                                        f"{log_path} ends: {tail}")
+                    _print_done(self.console, name, json.loads((self.out / name / "metrics.json").read_text()),
+                                self.elapsed)
+        except BaseException as e:  # noqa: BLE001  (raised again by join)
+            self.error = e
+        finally:
+            for proc in self._running.values():
+                proc.terminate()
+
+    def join(self) -> None:
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+        if self.error is not None:
+            raise self.error
+        if self.pending:
+            raise UserError(f"quickstart: runs never started: {[name for name, *_ in self.pending]}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict[str, Any],
@@ -193,27 +194,57 @@ def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict
     dataset = load_dataset(demo)
     console.print(f"  {dataset.statistics()}")
 
-    console.print(f"[bold]TPAD[/bold] (elapsed {elapsed()}): knowledge -> transfer -> alignment -> embeddings")
     recipe = {**QUICKSTART_TPAD, "dataset": demo, "out": str(out / "tpad")}
     for k, v in (tpad_overrides or {}).items():
         recipe[k] = {**recipe[k], **v} if isinstance(v, dict) and isinstance(recipe.get(k), dict) else v
-    tpad_cfg = TPADConfig(**recipe)
-    tpad_report = run_tpad(tpad_cfg, dataset=dataset, log=lambda s: console.print(f"    {s}", highlight=False))
     emb_dir = out / "tpad" / "embeddings"
-    attach_item_embeddings(dataset, "tpad", emb_dir)  # the raw encoder features were attached by TPAD's data step
     with_tpad = {**demo, "embeddings": {"tpad": str(emb_dir.resolve())}}
-
+    # runs on the raw encoder features read MiniLM over TPAD's text fields, the features TPAD's data step encodes
+    with_raw = {**demo, "encoder_text_fields": recipe["text_fields"]}
     jobs = []
     for name, model, params, train in runs:
-        features = params.get("features", [])
+        features = set(params.get("features", []))
         jobs.append((name, load_config({
             "model": {"name": model, "params": params},
-            "dataset": with_tpad if set(features) & set(TPAD_FEATURES) else demo,
+            "dataset": with_tpad if features & set(TPAD_FEATURES) else with_raw if features & set(RAW_FEATURES)
+            else demo,
             "train": {"patience": 3, "batch_size": 256, "seeds": seeds or [1, 2, 3], **train},
         })))
     workers = workers or auto_threads()
-    console.print(f"[bold]{len(jobs)} runs[/bold] (elapsed {elapsed()}), {workers} at a time")
-    _train_runs(jobs, out, dataset, min(workers, len(jobs)), console, elapsed)
+    # the raw encoder features first, on every CPU: TPAD's data step and the runs on them read them from here
+    raw = [n for n in RAW_FEATURES if any(n in cfg.feature_names() for _, cfg in jobs)
+           or n in (recipe.get("image_features"), recipe.get("text_view"))]
+    if raw:
+        console.print(f"raw encoder features {raw} (elapsed {elapsed()})", highlight=False)
+        set_num_threads(workers)
+        encode_missing_features(dataset.items, raw, recipe["text_fields"], show_progress=recipe.get("progress", True))
+    tpad_ready = threading.Event()
+    pool = None
+    if workers > 1:
+        # TPAD in this process on half the CPUs; the runs beside it, one thread each (those on TPAD's embeddings
+        # once they exist), then `workers` at a time
+        recipe["num_threads"] = max(1, workers // 2)
+        gated = [(name, cfg, tpad_ready if set(cfg.feature_names()) & set(TPAD_FEATURES) else None)
+                 for name, cfg in jobs]
+        gated.sort(key=lambda j: j[1].model.name != "dimo")  # the longest first among those ready
+        console.print(f"[bold]{len(jobs)} runs[/bold]: {workers - recipe['num_threads']} at a time beside TPAD "
+                      f"({recipe['num_threads']} thread(s)), then {workers} at a time", highlight=False)
+        pool = _RunPool(gated, out, workers - recipe["num_threads"], console, elapsed)
+    try:
+        console.print(f"[bold]TPAD[/bold] (elapsed {elapsed()}): knowledge -> transfer -> alignment -> embeddings")
+        tpad_cfg = TPADConfig(**recipe)
+        tpad_report = run_tpad(tpad_cfg, dataset=dataset, log=lambda s: console.print(f"    {s}", highlight=False))
+        attach_item_embeddings(dataset, "tpad", emb_dir)
+        tpad_ready.set()
+        if pool is None:
+            console.print(f"[bold]{len(jobs)} runs[/bold] (elapsed {elapsed()}), one at a time")
+            _train_runs(jobs, out, dataset, console, elapsed)
+        else:
+            pool.slots = workers  # this process only waits now
+            pool.join()
+    finally:
+        if pool is not None:
+            pool.stop()
     run_dirs = [out / name for name, _ in jobs]
     table = compare_runs(run_dirs)
     curves = plot_tpad_curves(tpad_report, out / "tpad_curves.png")

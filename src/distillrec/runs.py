@@ -133,6 +133,8 @@ def dump_config(cfg: RunConfig) -> str:
     data = cfg.model_dump(mode="json")
     if data["train"].get("teacher") is None:  # a plain run's config.yaml is what it was before train.teacher existed
         data["train"].pop("teacher", None)
+    if data["dataset"].get("encoder_text_fields") is None:  # likewise for dataset.encoder_text_fields
+        data["dataset"].pop("encoder_text_fields", None)
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -225,7 +227,12 @@ def load_run_dataset(cfg: RunConfig, dataset: Dataset | None = None) -> Dataset:
 
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
     check_feature_names(cfg, dataset)
-    encode_missing_features(dataset.items, cfg.feature_names(), show_progress=cfg.train.progress)
+    fields = cfg.dataset.encoder_text_fields
+    unknown = [f for f in fields or [] if f not in dataset.items.text]
+    if unknown:
+        raise ConfigError(f"dataset.encoder_text_fields: unknown text field(s) {unknown} for dataset "
+                          f"'{dataset.name}'; it has {sorted(dataset.items.text) or 'none'}")
+    encode_missing_features(dataset.items, cfg.feature_names(), fields, show_progress=cfg.train.progress)
     return dataset
 
 

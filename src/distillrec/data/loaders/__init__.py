@@ -55,6 +55,9 @@ class DatasetConfig(BaseModel):
     # precomputed item embeddings to attach as features: prefix -> folder written by `distillrec embed`
     # (features "<prefix>_image", "<prefix>_text"; rows matched by external item id)
     embeddings: dict[str, str] = Field(default_factory=dict)
+    # the text fields the bundled text encoder reads when a model names `text_minilm` (null: every text field,
+    # joined by ". "); TPAD names its own (`text_fields`), and a run on the same features names the same ones
+    encoder_text_fields: list[str] | None = None
 
 
 def data_root() -> Path | None:
