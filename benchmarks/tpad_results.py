@@ -114,6 +114,7 @@ def probe_table(out: Path, variants: list[str], dataset: str) -> str:
     from safetensors.numpy import load_file
 
     from distillrec.evaluation.probe import held_out_transitions, transition_probe
+    from distillrec.features.cache import item_feature_matrix
 
     reports = {v: json.loads((out / "tpad" / v / "report.json").read_text()) for v in variants
                if (out / "tpad" / v / "report.json").is_file()}
@@ -123,8 +124,10 @@ def probe_table(out: Path, variants: list[str], dataset: str) -> str:
     src, dst = held_out_transitions(ds.test)
     first = reports.get("full") or next(iter(reports.values()))
     rows, rr = [], {}
-    raw = {n: ds.items.features[n.removeprefix("raw ")] for n in first["probe"] if n.startswith("raw ")
-           and n != "raw both" and n.removeprefix("raw ") in ds.items.features}
+    # the raw features the run probed; the bundled encoders' ones (MiniLM over the recipe's text fields) from the
+    # feature cache, as TPAD's data step made them
+    raw = {n: item_feature_matrix(n.removeprefix("raw "), ds.items, False, text_fields=first["config"]["text_fields"])
+           for n in first["probe"] if n.startswith("raw ") and n != "raw both"}
     for n, m in raw.items():
         rr[n] = transition_probe(m, src, dst)["per_row_rr"]
     best_raw = max(rr, key=lambda n: first["probe"][n]["valid"]["mrr"]) if rr else None
