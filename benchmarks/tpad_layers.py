@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> str:
         know, align = r["stages"]["knowledge"]["history"], r["stages"]["align"]["history"]
         transfer = r["stages"]["transfer"]["history"][-1]
         rows.append([n, *(fmt_number(sec.get(s), 0) for s in STAGES),
+                     fmt_number(sum(sec[s] for s in STAGES if s != "load_lm"), 0),
                      f"{fmt_number(know[-1].get('gr_both'), 3)} / {fmt_number(align[-1].get('gr_both'), 3)}",
                      fmt_number(align[-1].get("gr_image"), 3), fmt_number(transfer.get("heldout_mrr"), 4),
                      *(fmt_number(r["probe"][k]["valid"]["mrr"], 4) for k in
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> str:
            f"{fmt_number(v['test']['mrr'], 4)})" for k, v in first.items() if k.startswith("raw ")]
     text = (f"# TPAD: 8 against 30 LM layers ({args.recipe})\n\nCommand: `python benchmarks/tpad_layers.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`; TPAD on {args.threads} torch thread(s).\n\n"
-            + markdown_table(["layers", *(f"{s} s" for s in STAGES), "GR both: stage 1 / 2b", "GR image (2b)",
+            + markdown_table(["layers", *(f"{s} s" for s in STAGES), "stages + export s", "GR both: stage 1 / 2b", "GR image (2b)",
                               "Transfer held-out MRR", "probe valid MRR: Transfer states", "stage-1 h", "export",
                               "export test MRR"], rows)
             + "\n\nRaw features (the same in every run): " + "; ".join(raw) + ".\n")

@@ -114,7 +114,7 @@ def test_parallel_quickstart_runs_give_the_in_process_numbers(tmp_path):
     assert "encoder_text_fields" not in yaml.safe_load((tmp_path / "w2" / "pop" / "config.yaml").read_text())["dataset"]
 
 
-def test_a_run_names_an_unknown_encoder_text_field_and_gets_the_fields_there_are(tmp_path):
+def test_a_run_names_an_unknown_encoder_text_field_and_gets_the_fields_there_are():
     from distillrec.errors import ConfigError
     from distillrec.runs import load_config, load_run_dataset
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from .config import auto_threads, set_num_threads
@@ -92,7 +91,9 @@ def quickstart(out: Path, seeds: list[int] | None = None, console: Console | Non
     CPUs the job uses (default ``config.auto_threads()``: those other processes leave free). Above 1, TPAD runs in
     this process on half of them while the downstream runs train beside it, each a ``distillrec train`` process
     with one thread, as soon as their inputs exist (:class:`_RunPool`), then ``workers`` at a time; 1 runs
-    everything one after the other in this process. The thread count changes no result (tests/test_resources.py), so neither does ``workers``."""
+    everything one after the other in this process. The downstream runs' results do not depend on the thread count
+    (tests/test_resources.py); TPAD's do, at float level, so TPAD gets ``workers // 2`` threads in the first mode
+    and ``config.auto_threads()`` in the second: one either way on a 2-core machine."""
     console = console or Console()
     demo = dataset_cfg or DEMO
     runs = QUICKSTART_RUNS if runs is None else runs
@@ -118,8 +119,8 @@ def _print_done(console: Console, name: str, metrics: dict[str, Any], elapsed: A
 class _RunPool:
     """Trains runs as ``distillrec train`` subprocesses with one torch thread each, at most ``slots`` at a time, in
     a background thread, while this process runs TPAD. A job starts once its gate (a ``threading.Event``, or None)
-    is set: runs on TPAD's embeddings wait for TPAD, runs on the raw encoder features for those features (cached on
-    disk by then, so the subprocess loads them instead of encoding again). Small models use a second thread
+    is set: runs on TPAD's embeddings wait for TPAD; the raw encoder features are on disk before the pool starts,
+    so a run on them loads them from the feature cache. Small models use a second thread
     poorly: on 2 cores, TPAD on one thread beside one-thread runs finishes the whole job sooner than TPAD on two
     threads followed by the runs. The first failed run stops the pool; :meth:`join` raises its error."""
 
@@ -199,7 +200,7 @@ def _quickstart(out: Path, seeds: list[int] | None, console: Console, demo: dict
         recipe[k] = {**recipe[k], **v} if isinstance(v, dict) and isinstance(recipe.get(k), dict) else v
     emb_dir = out / "tpad" / "embeddings"
     with_tpad = {**demo, "embeddings": {"tpad": str(emb_dir.resolve())}}
-    # runs on the raw encoder features read MiniLM over TPAD's text fields, the features TPAD's data step encodes
+    # runs on the raw encoder features read MiniLM over TPAD's text fields, the same cached features TPAD reads
     with_raw = {**demo, "encoder_text_fields": recipe["text_fields"]}
     jobs = []
     for name, model, params, train in runs:
