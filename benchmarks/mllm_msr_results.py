@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--speed-users", type=int, default=20)
     ap.add_argument("--tpad-run", type=Path, default=None, help="the TPAD-embedding run of the speed table")
     ap.add_argument("--set", action="append", default=[], help="extra --set for every MLLM-MSR job")
+    ap.add_argument("--results-name", default=None,
+                    help="the output file's name, benchmarks/results/<name>.md (default mllm_msr_<short>)")
     args = ap.parse_args(argv)
     short = short_name(args.dataset)
     out = args.out or ROOT / "runs" / "mllm_msr_results" / short
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.speed:
         text += speed_table(out, args.seeds[0], args.tpad_run, args.speed_users)
     res = ROOT / "benchmarks" / "results"
-    (res / f"mllm_msr_{short}.md").write_text(text)
+    (res / f"{args.results_name or f'mllm_msr_{short}'}.md").write_text(text)
     print(text)
     return text
 
