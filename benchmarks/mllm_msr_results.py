@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.speed:
         text += speed_table(out, args.seeds[0], args.tpad_run, args.speed_users)
     res = ROOT / "benchmarks" / "results"
-    (res / f"{args.results_name or f'mllm_msr_{short}'}.md").write_text(text)
+    (res / f"{args.results_name or 'mllm_msr_' + short}.md").write_text(text)
     print(text)
     return text
 
