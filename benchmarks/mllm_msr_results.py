@@ -67,9 +67,11 @@ def msr_job(short: str, variant: str, seed: int, out: Path, extra: list[str], de
     return {"name": f"{variant}-s{seed}", "cmd": cmd, "done": folder / "report.json", "deps": deps}
 
 
-def train_job(name: str, config: Path, folder: Path, seeds: list[int]) -> dict:
+def train_job(name: str, config: Path, folder: Path, seeds: list[int], sets: list[str] = ()) -> dict:
     cmd = ["distillrec", "train", str(config), "--out", str(folder), "--set", f"train.seeds={json.dumps(seeds)}",
            "--set", "train.num_threads=1", "--set", "train.progress=false"]
+    for s in sets:
+        cmd += ["--set", s]
     return {"name": name, "cmd": cmd, "done": folder / "metrics.json", "deps": []}
 
 
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--baselines", nargs="*", default=["sasrec", "gru4rec"])
     ap.add_argument("--baseline-dir", type=Path, default=None, help="where finished baseline run folders are")
     ap.add_argument("--baseline-seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a --set override for every baseline trained here (repeatable), e.g. train.epochs=12")
     ap.add_argument("--rerank", default=None, help="the baseline whose top-20 MLLM-MSR re-ranks (default: the first)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> str:
         if not cfg.is_file():
             raise SystemExit(f"baseline {b}: no finished run in {args.baseline_dir} and no {cfg}")
         baselines[b] = out / "runs" / b
-        jobs.append(train_job(b, cfg, baselines[b], args.baseline_seeds))
+        jobs.append(train_job(b, cfg, baselines[b], args.baseline_seeds, args.baseline_set))
     variants = [v for v in args.variants if v in VARIANTS]
     if short == "microlens":
         variants = [v for v in variants if v != "no_image"]  # titles only: nothing to leave out

@@ -12,7 +12,8 @@ the transition-probe table (every representation, paired against the best raw fe
 What runs (each job a ``distillrec`` subprocess with one torch thread, ``--workers`` at a time; finished jobs are
 reused, so a rerun after a kill continues):
 
-* TPAD: ``configs/tpad/<short>.yaml`` (``short`` = the dataset name without ``amazon2018-``), and its ablations:
+* TPAD: ``configs/tpad/<short>.yaml`` (``short`` = the dataset name without ``amazon2018-`` / ``amazon2014-``), and its
+  ablations:
   ``na`` (gamma1 = gamma2 = 0), ``no_club`` (gamma1 = 0), ``no_mine`` (gamma2 = 0), ``no_image``, ``no_text``,
   ``single`` (one tower), ``no_lt`` (no L^t). Variants that share finished stages with the full run start from a
   copy of them (the stage keys decide what is reusable; a stage whose key differs is trained again).
@@ -299,11 +300,14 @@ def main(argv: list[str] | None = None) -> str:
                     help="the fused models trained on the full variant's embeddings (default: fused_sasrec "
                          "fused_gru4rec)")
     ap.add_argument("--no-dl", action="store_true", help="no dimo_tpad_dl* runs (DIMO on [h; D_L(h)])")
+    ap.add_argument("--no-downstream", action="store_true",
+                    help="train the TPAD variants and print their probe table only: no baseline or DIMO runs (for a "
+                         "dataset whose downstream runs do not fit the machine; the README says which)")
     ap.add_argument("--probe-only", action="store_true",
                     help="run nothing: print the transition-probe table of the finished TPAD runs <out>/tpad/<variant> "
                          "named by --only")
     args = ap.parse_args(argv)
-    short = args.dataset.removeprefix("amazon2018-")
+    short = args.dataset.removeprefix("amazon2018-").removeprefix("amazon2014-")
     out = args.out or ROOT / "runs" / "results" / short
     if args.probe_only:
         text = probe_table(out, args.only or ["full"], args.dataset) + mi_table(out, args.only or ["full"])
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> str:
     jobs = [tpad_job(short, v, out, args.tpad_set, args.threads) for v in variants]
     names = []
     cfg_dir = ROOT / "configs" / args.dataset
-    for b in (BASELINES if args.baselines is None else args.baselines):
+    for b in ([] if args.no_downstream else BASELINES if args.baselines is None else args.baselines):
         if (cfg_dir / f"{b}.yaml").is_file():
             jobs.append(train_job(b, cfg_dir / f"{b}.yaml", out, args.seeds, args.train_set, [], args.threads))
             names.append(b)
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> str:
         if base != "single" and not args.no_dl and not (seed is not None and args.seeded_dimo_only):  # on D_L(h)
             runs.append(("dimo", "dimo_tpad_dl" + ("" if base == "full" else f"_{base}"),
                          ["model.params.features=[tpad_image,tpad_text,tpad_distilled]"]))
-        for model, name, feats in runs:
+        for model, name, feats in ([] if args.no_downstream else runs):
             if (cfg_dir / f"{model}.yaml").is_file():
                 jobs.append(train_job(name + suffix, cfg_dir / f"{model}.yaml", out, args.seeds,
                                       [*args.train_set, sets[0], *feats], [f"tpad_{v}"], args.threads))
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> str:
              before_start=lambda j: copy_reusable(out, j["variant"], j["reuse_from"])
              if j.get("variant") and j["deps"] else None)
     command = " ".join(argv if argv is not None else sys.argv[1:]).replace(f"{ROOT}/", "")  # no machine paths
-    text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py {command}`\n\n" + table(out, names, args.dataset)
+    text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py {command}`\n\n" + (table(out, names, args.dataset) if names else "")
             + pooled_table(out, {g: r for g, r in groups.items() if len(r) > 1})
             + "\n" + probe_table(out, variants, args.dataset))
     tpad_times = {v: json.loads((out / "tpad" / v / "report.json").read_text())["seconds"]["total"] for v in variants
