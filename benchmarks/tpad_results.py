@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> str:
     command = " ".join(argv if argv is not None else sys.argv[1:]).replace(f"{ROOT}/", "")  # no machine paths
     text = (f"# TPAD results: {args.dataset}\n\nCommand: `python benchmarks/tpad_results.py {command}`\n\n" + (table(out, names, args.dataset) if names else "")
             + pooled_table(out, {g: r for g, r in groups.items() if len(r) > 1})
-            + "\n" + probe_table(out, variants, args.dataset))
+            + "\n" + probe_table(out, variants, args.dataset) + mi_table(out, variants))
     tpad_times = {v: json.loads((out / "tpad" / v / "report.json").read_text())["seconds"]["total"] for v in variants
                   if (out / "tpad" / v / "report.json").is_file()}
     text += (f"\nTPAD wall time per variant (s, {args.threads} torch thread(s) per job, {args.workers} jobs at a time): "
