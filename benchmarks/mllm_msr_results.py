@@ -53,6 +53,10 @@ METRICS = ("auc", "hr@1", "hr@5", "hr@10", "mrr@5", "ndcg@5")
 COLD_MAX = 4
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def short_name(dataset: str) -> str:
     return {"amazon2018-scientific-mm": "scientific-mm", "microlens-50k": "microlens"}.get(dataset, dataset)
 
@@ -96,7 +100,7 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
         per_seed = [reports[(v, s)]["metrics"]["test"] for s in vs]
         valid = [reports[(v, s)]["metrics"]["valid"]["auc"] for s in vs]
         cold = [reports[(v, s)]["metrics"]["test"].get("cold", {}).get("hr@5") for s in vs]
-        rows.append([(f"MLLM-MSR {v}" if v != "main" else "MLLM-MSR") + f" ({len(vs)} seeds)", fmt_number(mean_ci(valid)["mean"], 4,
+        rows.append([(f"MLLM-MSR {v}" if v != "main" else "MLLM-MSR") + f" ({plural(len(vs), 'seed')})", fmt_number(mean_ci(valid)["mean"], 4,
                                                                                mean_ci(valid)["ci95"]),
                      *(fmt_number(mean_ci([m[k] for m in per_seed])["mean"], 4,
                                   mean_ci([m[k] for m in per_seed])["ci95"]) for k in METRICS),
@@ -125,7 +129,7 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
             for k in METRICS:
                 users[k].append(avg[k])
         users = {k: np.concatenate(v) for k, v in users.items()}
-        rows.append([f"{name} ({len(per)} training seeds)", "–",
+        rows.append([f"{name} ({plural(len(per), 'training seed')})", "–",
                      *(fmt_number(mean_ci([m[k] for m in seed_means])["mean"], 4,
                                   mean_ci([m[k] for m in seed_means])["ci95"]) for k in METRICS),
                      fmt_number(float(np.mean(cold_means)), 4) if cold_means else "–"])
@@ -145,9 +149,9 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
     r0 = reports[("main", seeds[0])]
     n_users = r0["n_eval_users"]
     text = (f"Sampled protocol (not full ranking): per MLLM-MSR seed, {n_users} users drawn by seed, each test "
-            f"target + {r0['protocol']['n_negatives']} never-interacted items; {len(seeds)} seeds "
+            f"target + {r0['protocol']['n_negatives']} never-interacted items; {plural(len(seeds), 'seed')} "
             f"({len(seeds) * n_users} ranked users in all). AUC per user (ties 1/2). ± = 95% t-interval over the "
-            f"MLLM-MSR seeds (with {len(seeds)} seeds it is wide: it holds the spread of the users and candidates drawn).\n\n"
+            f"MLLM-MSR seeds (with {plural(len(seeds), 'seed')} it is wide: it holds the spread of the users and candidates drawn).\n\n"
             + markdown_table(["model", "valid auc", *(f"test {k}" for k in METRICS), "cold hr@5"], rows)
             + "\n\nPaired tests over all ranked users of all seeds (first − second):\n\n"
             + markdown_table(["against", "metric", "MLLM-MSR", "other", "diff", "t p", "Wilcoxon p"], paired_rows)
