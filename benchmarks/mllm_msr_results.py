@@ -167,6 +167,8 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
     cost = r0["cost"]
     text += "\nCost of seed " + str(seeds[0]) + " (main variant; one torch thread, other jobs sharing the 2 cores): " \
             + json.dumps({k: v for k, v in cost.items()}) + "\n"
+    text += ("\nWall time per run (s, the run's report; one torch thread, other jobs sharing the cores): "
+             + json.dumps({f"{v}-s{s}": r["seconds"]["total"] for (v, s), r in reports.items()}) + "\n")
     return text
 
 
