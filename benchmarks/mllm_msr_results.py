@@ -167,6 +167,10 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
     cost = r0["cost"]
     text += "\nCost of seed " + str(seeds[0]) + " (main variant; one torch thread, other jobs sharing the 2 cores): " \
             + json.dumps({k: v for k, v in cost.items()}) + "\n"
+    sft = r0.get("recommender") or {}
+    if sft.get("seconds") is not None:
+        text += (f"\nLoRA yes/no SFT of seed {seeds[0]} (main variant): {sft['seconds']:.1f} s, {sft.get('steps')} "
+                 f"steps, {sft.get('trainable_parameters')} trainable parameters\n")
     text += ("\nWall time per run (s, the run's report; one torch thread, other jobs sharing the cores): "
              + json.dumps({f"{v}-s{s}": r["seconds"]["total"] for (v, s), r in reports.items()}) + "\n")
     return text
