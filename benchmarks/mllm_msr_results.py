@@ -171,6 +171,16 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
     if sft.get("seconds") is not None:
         text += (f"\nLoRA yes/no SFT of seed {seeds[0]} (main variant): {sft['seconds']:.1f} s, {sft.get('steps')} "
                  f"steps, {sft.get('trainable_parameters')} trainable parameters\n")
+    from collections import Counter
+
+    from distillrec.methods.mllm_msr.summaries import SummaryCache
+
+    for name, label in (("items", "image summaries"), ("preferences", "preference summaries")):
+        texts = SummaryCache(out / "summaries", name).texts.values()
+        if texts:  # how much the summaries can tell items or users apart
+            top, n_top = Counter(texts).most_common(1)[0]
+            text += (f"\nDistinct {label} in the shared cache (every variant and seed): {len(set(texts))} of "
+                     f"{len(texts)}; the most common ({n_top}×): \"{top}\"\n")
     text += ("\nWall time per run (s, the run's report; one torch thread, other jobs sharing the cores): "
              + json.dumps({f"{v}-s{s}": r["seconds"]["total"] for (v, s), r in reports.items()}) + "\n")
     return text
