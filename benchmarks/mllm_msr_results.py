@@ -29,6 +29,7 @@ import os
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,7 @@ def load_scores(folder: Path, name: str) -> np.ndarray:
 def results_table(out: Path, variants: list[str], seeds: list[int], baselines: dict[str, Path],
                   ablation_seeds: list[int]) -> str:
     from distillrec.data.loaders import load_dataset
+    from distillrec.methods.mllm_msr.summaries import SummaryCache
 
     seeds_of = {v: seeds if v == "main" else ablation_seeds for v in variants}
     reports = {(v, s): json.loads((out / f"{v}-s{s}" / "report.json").read_text()) for v in variants
@@ -171,10 +173,6 @@ def results_table(out: Path, variants: list[str], seeds: list[int], baselines: d
     if sft.get("seconds") is not None:
         text += (f"\nLoRA yes/no SFT of seed {seeds[0]} (main variant): {sft['seconds']:.1f} s, {sft.get('steps')} "
                  f"steps, {sft.get('trainable_parameters')} trainable parameters\n")
-    from collections import Counter
-
-    from distillrec.methods.mllm_msr.summaries import SummaryCache
-
     for name, label in (("items", "image summaries"), ("preferences", "preference summaries")):
         texts = SummaryCache(out / "summaries", name).texts.values()
         if texts:  # how much the summaries can tell items or users apart
